@@ -1,0 +1,310 @@
+"""QuantLinear: a drop-in nn.Linear with fake-quantized weights/activations, TQE and balancing.
+
+Notation (METHOD.md §4, §6), for one timestep range r:
+  s  [d_in]        smoothing scales (activations divided, weights multiplied), optional
+  H  [d_in, d_in]  orthonormal rotation of the input channels, optional
+  x' = (x / s) · H                 W' = (W · s) · H             (x'·W'ᵀ = x·Wᵀ exactly)
+  W_eff = Q_w(W' + B·A) + B_out·A_out
+  y = Q_a(x') · W_effᵀ + bias                                        (ordinary layers)
+  y = Q_a(x') · W_effᵀ + bias + m_t · Q_a(x') · (B_out·A_out)ᵀ        (temporal layers)
+Temporal layers see x [B·S, T, d_in] (one row per frame) and carry m [1, T, 1], initialised to
+ones, so the post-quantizer term is applied (1 + m_t) times per frame t. This follows the
+reference `QuantTemporalAttnLinear`: its weight already contains B_out·A_out and it adds a second
+`mask`-scaled product with B_out·A_out, only while weights are quantized.
+With both switches off (the default) and no balancing, the forward is exactly F.linear(x, W, b).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiff.quantizers.config import ActQuantConfig, TQEConfig, WeightQuantConfig
+from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, WeightQuantizer
+
+
+def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
+    """A [rows, cols] fp32 parameter initialised like nn.Linear (Kaiming-uniform, a=√5)."""
+    tensor = torch.empty(rows, cols, dtype=torch.float32)
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    return nn.Parameter(tensor)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with fake quantization, TQE terms and channel balancing.
+
+    Args:
+        weight: [d_out, d_in], kept frozen (storage shared with the source layer).
+        bias: [d_out] or None, kept frozen.
+        weight_cfg: weight quantizer config, or None to keep weights in floating point.
+        act_cfg: activation quantizer config, or None to keep activations in floating point.
+        tqe: TQE terms (needs weight_cfg), or None for plain Q(W).
+        num_frames: T for temporal layers (input [B·S, T, d_in]); enables the per-frame weight.
+        num_ranges: number of timestep ranges R with their own weight ranges / smoothing scales.
+
+    Switches set from outside: `quant_weight`, `quant_act` (both False = FP), `set_range_index`,
+    `observe_act_stats` (record `act_absmax` [d_in] during forwards, momentum `act_stats_momentum`).
+    TQE parameters are fp32 whatever the weight dtype; the effective weight is cast to x's dtype.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_cfg: WeightQuantConfig | None,
+        act_cfg: ActQuantConfig | None,
+        tqe: TQEConfig | None = None,
+        num_frames: int | None = None,
+        num_ranges: int = 1,
+    ):
+        super().__init__()
+        if tqe is not None and weight_cfg is None:
+            raise ValueError("tqe: TQE terms act around the weight quantizer; give a weight config too")
+        if num_ranges < 1:
+            raise ValueError(f"num_ranges: must be >= 1, got {num_ranges}")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames: must be None or >= 1, got {num_frames}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.weight_cfg, self.act_cfg, self.tqe_cfg = weight_cfg, act_cfg, tqe
+        self.num_frames, self.num_ranges = num_frames, num_ranges
+
+        self.weight_quantizer = (
+            None if weight_cfg is None
+            else WeightQuantizer(weight_cfg, self.out_features, self.in_features, num_ranges)
+        )
+        if act_cfg is None:
+            self.act_quantizer = None
+        elif act_cfg.mode == "dynamic_per_token":
+            self.act_quantizer = DynamicActQuantizer(act_cfg)
+        else:
+            self.act_quantizer = StaticActQuantizer(act_cfg, num_ranges)
+
+        rank = tqe.rank if tqe is not None else 0
+        rank_out = tqe.rank_out if tqe is not None else 0
+        self.lora_a = _kaiming_uniform(rank, self.in_features) if rank else None  # [r, d_in]
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank)) if rank else None  # [d_out, r]
+        self.lora_a_out = _kaiming_uniform(rank_out, self.in_features) if rank_out else None
+        self.lora_b_out = nn.Parameter(torch.zeros(self.out_features, rank_out)) if rank_out else None
+        use_frame_scale = num_frames is not None and rank_out > 0 and tqe.frame_scale
+        self.frame_scale = nn.Parameter(torch.ones(1, num_frames, 1)) if use_frame_scale else None
+
+        self.register_buffer("smooth_scale", None)  # [R or 1, d_in] once set
+        self.register_buffer("rotate", torch.tensor(False))  # persisted flag; mirrored in _rotate
+        self._rotate = False
+        # Regenerated by the balancing code (d_in² per layer is too large to store per layer).
+        self.register_buffer("rotation", None, persistent=False)  # [d_in, d_in] once set
+        self.register_buffer("act_absmax", torch.zeros(self.in_features))
+        self.register_buffer("act_stats_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("folded_weight", None)  # [R, d_out, d_in] after fold()
+
+        self.quant_weight = False
+        self.quant_act = False
+        self.range_index = 0
+        self.observe_act_stats = False
+        self.act_stats_momentum = 0.95
+        self.to(weight.device)  # new parameters/buffers follow the weight; the weight is not copied
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight: WeightQuantConfig | None,
+        act: ActQuantConfig | None,
+        tqe: TQEConfig | None = None,
+        num_frames: int | None = None,
+        num_ranges: int = 1,
+    ) -> "QuantLinear":
+        """Wrap `linear` (its weight/bias tensors are shared, not copied)."""
+        return cls(linear.weight, linear.bias, weight, act, tqe, num_frames, num_ranges)
+
+    # ----------------------------------------------------------------- external setters
+    def set_range_index(self, index: int) -> None:
+        """Select the timestep range whose quantizer ranges / smoothing scales are used."""
+        if not 0 <= index < self.num_ranges:
+            raise ValueError(f"range_index: must be in 0..{self.num_ranges - 1}, got {index}")
+        self.range_index = index
+
+    def set_balance(self, smooth_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None) -> None:
+        """Install channel balancing (None removes that part).
+
+        Args:
+            smooth_scale: s [d_in] or [R, d_in] (one row per timestep range), positive.
+            rotation: H [d_in, d_in], orthonormal (not checked), e.g. a normalised Hadamard.
+        Call before the first quantized forward: the weight quantizer is initialised on W'.
+        """
+        if self.folded_weight is not None:
+            raise RuntimeError("set_balance: the layer is folded; balancing is baked into its weight")
+        if smooth_scale is not None:
+            if smooth_scale.dim() == 1:
+                smooth_scale = smooth_scale[None]
+            if smooth_scale.shape[-1] != self.in_features or smooth_scale.shape[0] not in (1, self.num_ranges):
+                raise ValueError(
+                    f"smooth_scale: expected [{self.in_features}] or [{self.num_ranges}, {self.in_features}], "
+                    f"got {tuple(smooth_scale.shape)}"
+                )
+            smooth_scale = smooth_scale.detach().to(device=self.weight.device, dtype=torch.float32)
+        if rotation is not None:
+            if tuple(rotation.shape) != (self.in_features, self.in_features):
+                raise ValueError(
+                    f"rotation: expected [{self.in_features}, {self.in_features}], got {tuple(rotation.shape)}"
+                )
+            rotation = rotation.detach().to(device=self.weight.device, dtype=torch.float32)
+        self.smooth_scale = smooth_scale
+        self.rotation = rotation
+        self.rotate.fill_(rotation is not None)
+        self._rotate = rotation is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # smooth_scale only exists once set; give a fresh layer a slot of the saved shape.
+        key = prefix + "smooth_scale"
+        if key in state_dict and self.smooth_scale is None:
+            self.smooth_scale = torch.empty_like(state_dict[key], device=self.act_absmax.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rotate = bool(self.rotate)
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Optimiser groups: 'tqe' (lora_*, frame_scale) and 'delta' (weight quantizer Δ)."""
+        tqe = [p for p in (self.lora_a, self.lora_b, self.lora_a_out, self.lora_b_out, self.frame_scale) if p is not None]
+        delta = []
+        if self.weight_quantizer is not None and self.weight_quantizer.delta.requires_grad:
+            delta.append(self.weight_quantizer.delta)
+        return {"tqe": tqe, "delta": delta}
+
+    # ----------------------------------------------------------------- weight paths
+    def _smooth_scale(self, range_index: int) -> torch.Tensor | None:
+        if self.smooth_scale is None:
+            return None
+        return self.smooth_scale[range_index if self.smooth_scale.shape[0] > 1 else 0]  # [d_in]
+
+    def _rotation(self) -> torch.Tensor | None:
+        if not self._rotate:
+            return None
+        if self.rotation is None:
+            raise RuntimeError("rotate is set but no rotation matrix is installed: call set_balance(rotation=H)")
+        return self.rotation
+
+    def balanced_weight(self, range_index: int | None = None) -> torch.Tensor:
+        """W' = (W · s) · H in fp32 -> [d_out, d_in] (W itself without balancing)."""
+        range_index = self.range_index if range_index is None else range_index
+        weight = self.weight.float()
+        scale, rotation = self._smooth_scale(range_index), self._rotation()
+        if scale is not None:
+            weight = weight * scale
+        if rotation is not None:
+            weight = weight @ rotation
+        return weight
+
+    def _post_weight(self) -> torch.Tensor | None:
+        """B_out · A_out [d_out, d_in], or None without the post-quantizer term."""
+        if self.lora_b_out is None:
+            return None
+        return self.lora_b_out @ self.lora_a_out
+
+    def effective_weight(self, range_index: int | None = None) -> torch.Tensor:
+        """W_eff = Q_w(W' + B·A) + B_out·A_out in fp32 -> [d_out, d_in]."""
+        if self.weight_quantizer is None:
+            raise RuntimeError("effective_weight: this layer has no weight quantizer")
+        range_index = self.range_index if range_index is None else range_index
+        weight = self.balanced_weight(range_index)
+        if self.lora_a is not None:
+            weight = weight + self.lora_b @ self.lora_a
+        weight = self.weight_quantizer(weight, range_index)
+        post = self._post_weight()
+        return weight if post is None else weight + post
+
+    # ----------------------------------------------------------------- forward
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        # Reference statistic: per-sample channel max over the token axis, averaged over samples.
+        batch_absmax = x.detach().abs().amax(dim=-2).reshape(-1, self.in_features).float().mean(dim=0)
+        if int(self.act_stats_count) == 0:
+            self.act_absmax.copy_(batch_absmax)
+        else:
+            self.act_absmax.mul_(self.act_stats_momentum).add_(batch_absmax, alpha=1 - self.act_stats_momentum)
+        self.act_stats_count += 1
+
+    def _balance_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> x' = (x / s) · H [..., d_in]."""
+        scale, rotation = self._smooth_scale(self.range_index), self._rotation()
+        if scale is not None:
+            x = x / scale.to(x.dtype)
+        if rotation is not None:
+            x = x @ rotation.to(x.dtype)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] (temporal layers: [B·S, T, d_in]) -> y [..., d_out]."""
+        if self.frame_scale is not None and x.shape[-2] != self.num_frames:
+            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
+        if self.observe_act_stats:
+            self._observe(x)
+        x = self._balance_input(x)
+        if self.quant_act and self.act_quantizer is not None:
+            x = self.act_quantizer(x, self.range_index)
+
+        folded = self.folded_weight is not None
+        if folded:
+            weight = self.folded_weight[self.range_index if self.folded_weight.shape[0] > 1 else 0]
+        elif self.quant_weight and self.weight_quantizer is not None:
+            weight = self.effective_weight()
+        elif self.smooth_scale is not None or self._rotate:
+            weight = self.balanced_weight()
+        else:
+            weight = self.weight
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, weight.to(x.dtype), bias)
+
+        weights_quantized = folded or (self.quant_weight and self.weight_quantizer is not None)
+        if self.frame_scale is not None and weights_quantized:
+            # [B*S, T, d_in] -> [B*S, T, r_out] -> [B*S, T, d_out], scaled per frame by m [1, T, 1]
+            post = F.linear(F.linear(x, self.lora_a_out.to(x.dtype)), self.lora_b_out.to(x.dtype))
+            y = y + self.frame_scale.to(x.dtype) * post
+        return y
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Bake W_eff of every timestep range into `folded_weight` [R, d_out, d_in] (fp32).
+
+        Drops the original weight, the weight quantizer and the TQE parameters. What stays:
+        bias, the online activation transform (s, H) and activation quantizer, and, for temporal
+        layers, the post term B_out, A_out and m as frozen buffers (its per-frame scaling cannot
+        be folded into one weight). Needs `quant_weight` on, as the folded forward quantizes.
+        """
+        if self.folded_weight is not None:
+            return
+        if self.weight_quantizer is None or not self.quant_weight:
+            raise RuntimeError("fold: needs a weight quantizer with quant_weight=True")
+        weights = torch.stack([self.effective_weight(r) for r in range(self.num_ranges)])
+        if all(torch.equal(weights[0], other) for other in weights[1:]):
+            weights = weights[:1]  # ranges share one weight: store it once
+        kept = {}
+        if self.frame_scale is not None:
+            kept = {name: getattr(self, name).detach().clone() for name in ("lora_a_out", "lora_b_out", "frame_scale")}
+        for name in ("weight", "lora_a", "lora_b", "lora_a_out", "lora_b_out", "frame_scale"):
+            delattr(self, name)
+            if name in kept:
+                self.register_buffer(name, kept[name])
+            else:
+                setattr(self, name, None)
+        self.weight_quantizer = None
+        self.folded_weight = weights
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bias={self.bias is not None}"]
+        parts.append(f"w_bits={self.weight_cfg.bits if self.weight_cfg else None}")
+        parts.append(f"a_bits={self.act_cfg.bits if self.act_cfg else None}")
+        if self.tqe_cfg is not None:
+            parts.append(f"tqe_rank={self.tqe_cfg.rank}/{self.tqe_cfg.rank_out}")
+        if self.num_frames is not None:
+            parts.append(f"num_frames={self.num_frames}")
+        if self.num_ranges > 1:
+            parts.append(f"num_ranges={self.num_ranges}")
+        parts.append(f"quant_weight={self.quant_weight}, quant_act={self.quant_act}")
+        if self.folded_weight is not None:
+            parts.append("folded=True")
+        return ", ".join(parts)

@@ -1,0 +1,418 @@
+"""STDiT (OpenSora v1.0) with every self-attention ``qkv`` split into ``q``, ``k``, ``v`` linears.
+
+Notation: B batch, C hidden size, T frames, S = H'·W' spatial tokens per frame (T-major token order:
+frame, then row, then column), L text tokens, C_cap caption channels, heads × head_dim = C.
+Architecture and reference quirks: docs/METHOD.md section 1. The state dict equals the ``split``
+layout of ``fixtures/opensora_v1/stdit_xl2_keys.json``; converting a released (merged-qkv)
+checkpoint is ``t2v.models.checkpoint``'s job.
+
+Every linear is an ``nn.Linear`` child called as a module (``self.q(x)``), so a quantization
+library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from einops import rearrange
+from safetensors import safe_open
+from torch import nn
+
+from qdiff.io import save_safetensors_atomic
+
+from t2v.models.embeddings import (
+    CaptionEmbedder,
+    Mlp,
+    PatchEmbed3D,
+    TimestepEmbedder,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    t2i_modulate,
+)
+
+# Deterministic sin-cos tables: in the state dict (as in OpenSora), but filled from the config when a
+# checkpoint lacks them (OpenSora itself discards them on load).
+SINCOS_BUFFERS = ("pos_embed", "pos_embed_temporal")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CONFIG_METADATA_KEY = "stdit_config"
+
+STDIT_XL_2_CONFIG = dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ/√head_dim)·v. q [B, h, N, D], k/v [B, h, M, D], key_mask [B, 1, 1, M] bool (True = attend).
+
+    OpenSora's non-flash path forms the scores in the model dtype and takes the softmax in float32.
+    SDPA's fused kernels accumulate the softmax in float32 too, so in half precision this is at least
+    as accurate; it only skips rounding the probabilities to half before the product with v.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` linears (with bias) and ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B', N, C] -> [B', N, C]; attention over the N tokens of each row."""
+        q, k, v = (rearrange(lin(x), "B N (h d) -> B h N d", h=self.num_heads) for lin in (self.q, self.k, self.v))
+        out = _attention(q, k, v)  # [B', h, N, d]
+        return self.proj(rearrange(out, "B h N d -> B N (h d)"))
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Video tokens (queries) attend to text tokens (keys/values) of their own sample only.
+
+    The text of all samples comes packed as one sequence [1, ΣL_b, C] (only valid tokens), as in
+    OpenSora; ``kv_linear`` [2C, C] runs on that packed sequence (rows [0, C) give k, [C, 2C) v).
+    Attending with a key-padding mask per sample is the same computation as OpenSora's
+    block-diagonal xformers mask.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_lens: list[int]) -> torch.Tensor:
+        """x [B, N, C], cond [1, ΣL_b, C] (packed valid text tokens), cond_lens [B] python ints -> [B, N, C]."""
+        q = rearrange(self.q_linear(x), "B N (h d) -> B h N d", h=self.num_heads)
+        kv = rearrange(self.kv_linear(cond)[0], "L (two h d) -> two L h d", two=2, h=self.num_heads)
+        # unpack the text of each sample: [ΣL_b, h, d] -> [B, L_max, h, d] (zero padded)
+        k = nn.utils.rnn.pad_sequence(kv[0].split(cond_lens), batch_first=True)
+        v = nn.utils.rnn.pad_sequence(kv[1].split(cond_lens), batch_first=True)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, h, L_max, d]
+        key_mask = None
+        if min(cond_lens) != k.shape[2]:  # some sample has padding
+            lens = torch.tensor(cond_lens, device=x.device)
+            positions = torch.arange(k.shape[2], device=x.device)
+            key_mask = (positions[None] < lens[:, None])[:, None, None]  # [B, 1, 1, L_max]
+        out = _attention(q, k, v, key_mask)  # [B, h, N, d]
+        return self.proj(rearrange(out, "B h N d -> B N (h d)"))
+
+
+class STDiTBlock(nn.Module):
+    """Spatial attention, temporal attention, cross-attention and MLP, modulated by the timestep (adaLN-single).
+
+    Args:
+        hidden_size: C.
+        num_heads: attention heads (head_dim = C / num_heads).
+        num_temporal: T (token frames).
+        num_spatial: S (tokens per frame).
+        mlp_ratio: MLP hidden size / C.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_temporal: int, num_spatial: int, mlp_ratio: float):
+        super().__init__()
+        self.num_temporal = num_temporal
+        self.num_spatial = num_spatial
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden_size, num_heads)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+        self.attn_temp = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t0: torch.Tensor,
+        y_lens: list[int],
+        temporal_pos_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T·S, C], y [1, ΣL_b, C] packed text, t0 [B, 6C], y_lens [B] -> [B, T·S, C].
+
+        temporal_pos_embed [1, T, C] is added to the temporal attention's input (first block only).
+        """
+        T, S = self.num_temporal, self.num_spatial
+        modulation = self.scale_shift_table[None] + rearrange(t0, "B (six C) -> B six C", six=6)  # [B, 6, C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, C] each
+
+        # 1. spatial self-attention over the S tokens of each frame
+        x_s = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
+        x_s = rearrange(x_s, "B (T S) C -> (B T) S C", T=T, S=S)
+        x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
+        x = x + gate_msa * x_s
+
+        # 2. temporal self-attention over the T frames at each position; no norm/modulation and the
+        #    spatial gate again, as released (METHOD.md section 1)
+        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T, S=S)
+        if temporal_pos_embed is not None:
+            x_t = x_t + temporal_pos_embed
+        x_t = rearrange(self.attn_temp(x_t), "(B S) T C -> B (T S) C", T=T, S=S)
+        x = x + gate_msa * x_t
+
+        # 3. cross-attention to the sample's own text tokens (no gate)
+        x = x + self.cross_attn(x, y, y_lens)
+
+        # 4. MLP
+        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, modulation by t (its own [2, C] table) and Linear(C -> patch volume · C_out)."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C], t [B, C] -> [B, N, p_t·p_h·p_w·C_out]."""
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # [B, 1, C] each
+        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+
+
+class STDiT(nn.Module):
+    """Spatial-temporal DiT of OpenSora v1.0, constructible with OpenSora's keyword names.
+
+    Args:
+        input_size: latent (T, H, W) the model is built for; it fixes the token grid and the sin-cos tables.
+        in_channels: latent channels.
+        patch_size: (p_t, p_h, p_w).
+        hidden_size: C.
+        depth: number of blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden size / C.
+        class_dropout_prob: caption dropout probability in training (classifier-free guidance).
+        pred_sigma: also predict the variance (C_out = 2·in_channels).
+        drop_path: stochastic depth; only 0 is supported (OpenSora v1.0 inference and our distillation use 0).
+        no_temporal_pos_emb: only False; OpenSora v1.0 stores the flag but always adds the temporal table.
+        caption_channels: C_cap.
+        model_max_length: L, text tokens per caption.
+        dtype: parameter dtype the model is built in (torch.dtype or its name); inputs are cast to the
+            parameters' dtype in ``forward`` either way.
+        space_scale, time_scale: positions are divided by these in the sin-cos tables.
+        freeze: None, "not_temporal" (train only ``attn_temp``) or "text" (freeze ``cross_attn``).
+        enable_flashattn, enable_layernorm_kernel: accepted and ignored (SDPA picks the kernel).
+        enable_sequence_parallelism: only False.
+    """
+
+    def __init__(
+        self,
+        input_size=(1, 32, 32),
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        pred_sigma=True,
+        drop_path=0.0,
+        no_temporal_pos_emb=False,
+        caption_channels=4096,
+        model_max_length=120,
+        dtype=torch.float32,
+        space_scale=1.0,
+        time_scale=1.0,
+        freeze=None,
+        enable_flashattn=False,
+        enable_layernorm_kernel=False,
+        enable_sequence_parallelism=False,
+    ):
+        super().__init__()
+        if drop_path != 0:
+            raise ValueError(f"drop_path={drop_path} is not supported (stochastic depth is for training from scratch)")
+        if no_temporal_pos_emb:
+            raise ValueError(
+                "no_temporal_pos_emb=True is not supported: OpenSora v1.0 ignores the flag (it always adds the table)"
+            )
+        if enable_sequence_parallelism:
+            raise ValueError("enable_sequence_parallelism=True is not supported: qvdit runs STDiT on one device")
+        if freeze not in (None, "not_temporal", "text"):
+            raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.config = dict(
+            input_size=list(input_size), in_channels=in_channels, patch_size=list(patch_size),
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio),
+            class_dropout_prob=class_dropout_prob, pred_sigma=pred_sigma, drop_path=drop_path,
+            no_temporal_pos_emb=no_temporal_pos_emb, caption_channels=caption_channels,
+            model_max_length=model_max_length, dtype=str(dtype).removeprefix("torch."),
+            space_scale=space_scale, time_scale=time_scale, freeze=freeze, enable_flashattn=enable_flashattn,
+            enable_layernorm_kernel=enable_layernorm_kernel, enable_sequence_parallelism=enable_sequence_parallelism,
+        )  # fmt: skip
+        self.input_size = tuple(input_size)
+        self.patch_size = tuple(patch_size)
+        self.out_channels = 2 * in_channels if pred_sigma else in_channels
+        self.grid_size = tuple(n // p for n, p in zip(self.input_size, self.patch_size))  # (T, H', W')
+        self.num_temporal = self.grid_size[0]
+        self.num_spatial = self.grid_size[1] * self.grid_size[2]
+        self.grad_checkpointing = False
+
+        self.register_buffer("pos_embed", self.spatial_pos_embed(), persistent=True)  # [1, S, C]
+        self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(), persistent=True)  # [1, T, C]
+        self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
+        self.blocks = nn.ModuleList(
+            STDiTBlock(hidden_size, num_heads, self.num_temporal, self.num_spatial, mlp_ratio) for _ in range(depth)
+        )
+        patch_volume = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.final_layer = FinalLayer(hidden_size, patch_volume, self.out_channels)
+
+        if freeze == "not_temporal":
+            for name, param in self.named_parameters():
+                param.requires_grad_("attn_temp" in name)
+        elif freeze == "text":
+            for name, param in self.named_parameters():
+                param.requires_grad_("cross_attn" not in name)
+        self.to(dtype)
+
+    def spatial_pos_embed(self) -> torch.Tensor:
+        """The deterministic spatial table [1, S, C] (float32) for this config."""
+        table = get_2d_sincos_pos_embed(self.config["hidden_size"], self.grid_size[1:], self.config["space_scale"])
+        return table[None]
+
+    def temporal_pos_embed(self) -> torch.Tensor:
+        """The deterministic temporal table [1, T, C] (float32) for this config."""
+        return get_1d_sincos_pos_embed(self.config["hidden_size"], self.num_temporal, self.config["time_scale"])[None]
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant) to save memory."""
+        self.grad_checkpointing = enabled
+
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict noise (and variance interpolation values) for a batch of noisy video latents.
+
+        Args:
+            x: [B, C_in, T, H, W] noisy latents, (T, H, W) = ``input_size`` up to patch padding.
+            timestep: [B] diffusion timesteps (int or float).
+            y: [B, 1, L, C_cap] caption embeddings.
+            mask: [B_m, L] text mask (int or bool, nonzero = valid token), or None (all L tokens valid).
+                As in OpenSora, a mask with fewer rows than y is repeated to y's batch (CFG passes the
+                cond mask only, so the uncond half reuses it).
+
+        Returns:
+            [B, C_out, T, H, W] float32 (T, H, W rounded up to patch multiples), C_out = 2·C_in when pred_sigma.
+        """
+        dtype = self.x_embedder.proj.weight.dtype
+        T, S = self.num_temporal, self.num_spatial
+        # OpenSora casts the timestep to the model dtype before its float32 sinusoid (rounds t in bf16)
+        x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
+
+        # 1. patchify and add the spatial table to every frame
+        x = self.x_embedder(x)  # [B, T·S, C]
+        if x.shape[1] != T * S:
+            raise ValueError(
+                f"input gives {x.shape[1]} tokens, but the model was built for input_size {list(self.input_size)} "
+                f"({T}x{S} tokens)"
+            )
+        x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + self.pos_embed  # [1, S, C] broadcasts over B, T
+        x = rearrange(x, "B T S C -> B (T S) C")
+
+        # 2. timestep: t [B, C] for the final layer, t0 [B, 6C] for the blocks
+        t = self.t_embedder(timestep)
+        t0 = self.t_block(t)
+
+        # 3. captions: project, then pack the valid tokens of all samples into one sequence
+        y = self.y_embedder(y, self.training)  # [B, 1, L, C]
+        y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
+
+        # 4. blocks; the temporal table enters the first block's temporal attention only
+        for i, block in enumerate(self.blocks):
+            temporal_pos_embed = self.pos_embed_temporal if i == 0 else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
+            else:
+                x = block(x, y, t0, y_lens, temporal_pos_embed)
+
+        # 5. final layer and unpatchify, output in float32 as OpenSora does
+        x = self.final_layer(x, t)  # [B, T·S, p_t·p_h·p_w·C_out]
+        x = self.unpatchify(x)  # [B, C_out, T, H, W]
+        return x.float()
+
+    @staticmethod
+    def _pack_text(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """y [B, 1, L, C], mask [B_m, L] or None -> packed valid tokens [1, ΣL_b, C] and lengths L_b [B]."""
+        batch, _, length, channels = y.shape
+        if mask is None:
+            return y.reshape(1, batch * length, channels), [length] * batch
+        if mask.dim() != 2 or mask.shape[1] != length or batch % mask.shape[0]:
+            raise ValueError(f"mask must be [B, {length}] with B dividing {batch}, got {list(mask.shape)}")
+        mask = mask.repeat(batch // mask.shape[0], 1) != 0  # [B, L]
+        y_lens = mask.sum(dim=1).tolist()
+        if min(y_lens) == 0:
+            raise ValueError("every sample needs at least one valid text token (a mask row is all zero)")
+        return y[:, 0][mask][None], y_lens
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T·H'·W', p_t·p_h·p_w·C_out] -> [B, C_out, T·p_t, H'·p_h, W'·p_w]."""
+        (n_t, n_h, n_w), (p_t, p_h, p_w) = self.grid_size, self.patch_size
+        return rearrange(
+            x, "B (n_t n_h n_w) (p_t p_h p_w c) -> B c (n_t p_t) (n_h p_h) (n_w p_w)",
+            n_t=n_t, n_h=n_h, n_w=n_w, p_t=p_t, p_h=p_h, p_w=p_w,
+        )  # fmt: skip
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor], assign: bool = False):
+        """Strict load of a split-layout state dict, with or without the two sin-cos tables.
+
+        The tables are always recomputed from this model's config (OpenSora discards checkpoint copies
+        too), so a checkpoint made for another ``input_size`` still loads, and a model built on the meta
+        device and materialised with ``to_empty`` gets real tables. Everything else must match exactly.
+        """
+        tables = {"pos_embed": self.spatial_pos_embed(), "pos_embed_temporal": self.temporal_pos_embed()}
+        state_dict = {k: v for k, v in state_dict.items() if k not in SINCOS_BUFFERS}
+        state_dict.update({name: table.to(getattr(self, name).device) for name, table in tables.items()})
+        return self.load_state_dict(state_dict, strict=True, assign=assign)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` (config also in its metadata) and ``config.json``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config_json = json.dumps(self.config, indent=1)
+        state_dict = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_safetensors_atomic(state_dict, directory / WEIGHTS_NAME, metadata={"format": "pt", CONFIG_METADATA_KEY: config_json}, overwrite=True)
+        tmp = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(config_json)
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "STDiT":
+        """Load a ``save_pretrained`` directory, or a split ``.safetensors`` file whose metadata holds the config."""
+        path = Path(path)
+        weights = path / WEIGHTS_NAME if path.is_dir() else path
+        if not weights.is_file():
+            raise FileNotFoundError(f"no STDiT weights at {weights}")
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        if path.is_dir() and (path / CONFIG_NAME).is_file():
+            config = json.loads((path / CONFIG_NAME).read_text())
+        elif CONFIG_METADATA_KEY in metadata:
+            config = json.loads(metadata[CONFIG_METADATA_KEY])
+        else:
+            raise FileNotFoundError(f"no {CONFIG_NAME} beside {weights} and no '{CONFIG_METADATA_KEY}' in its metadata")
+        model = cls(**config)
+        model.load_state_dict_compat(state_dict)
+        return model
+
+
+def STDiT_XL_2(**kwargs) -> STDiT:
+    """STDiT-XL/2: 28 blocks, hidden 1152, 16 heads, patch (1, 2, 2) (759,620,768 parameters at 16x64x64)."""
+    return STDiT(**{**STDIT_XL_2_CONFIG, **kwargs})

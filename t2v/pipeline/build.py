@@ -1,0 +1,104 @@
+"""Build the pieces of the text-to-video pipeline (DiT, VAE, text encoder, sampler) from an InferenceConfig."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from t2v.pipeline.config import ConfigError, InferenceConfig
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Model keys that are ours (not STDiT constructor arguments).
+_MODEL_LOADER_KEYS = ("type", "from_pretrained", "init_seed")
+
+
+def latent_size(cfg: InferenceConfig, vae) -> tuple[int, int, int]:
+    """(T, H/f, W/f): the DiT's input_size for this video size and VAE."""
+    f = vae.downsample_factor
+    h, w = cfg.image_size
+    if h % f or w % f:
+        raise ConfigError(f"image_size {cfg.image_size} must be divisible by the VAE's downsample factor {f}")
+    return (cfg.num_frames, h // f, w // f)
+
+
+def build_vae(cfg: InferenceConfig, device="cpu"):
+    from t2v.models.vae import VideoAutoencoderKL, build_tiny_vae
+
+    vcfg = dict(cfg.vae)
+    kind = vcfg.pop("type")
+    if kind == "tiny":
+        vae = build_tiny_vae(seed=vcfg.get("init_seed", 0))
+        vae.micro_batch_size = vcfg.get("micro_batch_size", vae.micro_batch_size)
+    elif kind == "VideoAutoencoderKL":
+        vae = VideoAutoencoderKL(from_pretrained=vcfg["from_pretrained"], micro_batch_size=vcfg.get("micro_batch_size", 128))
+    else:
+        raise ConfigError(f"vae.type: expected 'VideoAutoencoderKL' or 'tiny', got {kind!r}")
+    return vae.to(device).eval()
+
+
+def build_text_encoder(cfg: InferenceConfig, device="cpu", dtype=torch.float32):
+    from t2v.models.text_encoder import T5TextEncoder, build_tiny_text_encoder
+
+    tcfg = dict(cfg.text_encoder)
+    kind = tcfg.pop("type")
+    if kind == "tiny":
+        return build_tiny_text_encoder(seed=tcfg.get("init_seed", 0), model_max_length=tcfg.get("model_max_length", 8)).to(device)
+    if kind == "t5":
+        return T5TextEncoder(tcfg["from_pretrained"], model_max_length=tcfg.get("model_max_length", 120), device=device, dtype=dtype)
+    raise ConfigError(f"text_encoder.type: expected 't5' or 'tiny', got {kind!r}")
+
+
+def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, device="cpu", dtype=torch.float32):
+    """STDiT from `cfg.model`; weights from `ckpt_path` (or `model.from_pretrained`), else seeded random init."""
+    from t2v.models.checkpoint import load_state_dict_file
+    from t2v.models.stdit import STDiT, STDiT_XL_2
+
+    mcfg = dict(cfg.model)
+    kind = mcfg.get("type")
+    path = ckpt_path or mcfg.get("from_pretrained")
+    kwargs = {k: v for k, v in mcfg.items() if k not in _MODEL_LOADER_KEYS}
+    kwargs["input_size"] = tuple(input_size)
+    if kind == "STDiT-XL/2":
+        factory = STDiT_XL_2
+    elif kind == "STDiT":
+        factory = STDiT
+    else:
+        raise ConfigError(f"model.type: expected 'STDiT-XL/2' or 'STDiT', got {kind!r}")
+    if path is None:
+        torch.manual_seed(mcfg.get("init_seed", 0))
+        model = factory(**kwargs)
+        _randomize_zero_init(model, seed=mcfg.get("init_seed", 0))
+    else:
+        if not Path(path).exists():
+            raise ConfigError(
+                f"model checkpoint not found: {path}. Download OpenSora-v1-HQ-16x512x512.pth from "
+                "https://huggingface.co/hpcai-tech/Open-Sora and convert it with "
+                "`python -m t2v.scripts.split_ckpt --src <it> --dst <path>` (shell_scripts/1_split_ckpt.sh)."
+            )
+        with torch.device("meta"):
+            model = factory(**kwargs)
+        model = model.to_empty(device="cpu")
+        model.load_state_dict_compat(load_state_dict_file(path))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
+    """Give the layers OpenSora zero-initialises small random values, so a random preset is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def build_sampler(cfg: InferenceConfig, num_sampling_steps: int | None = None):
+    from t2v.schedulers.iddpm import IDDPM
+
+    s = cfg.scheduler
+    return IDDPM(
+        num_sampling_steps=num_sampling_steps or s.num_sampling_steps,
+        cfg_scale=s.cfg_scale,
+        sampler=s.sampler,
+        cfg_split=s.cfg_split,
+    )

@@ -1,0 +1,66 @@
+"""Argument handling shared by the sampling scripts (stages 2, 3 and 5)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="OpenSora-style .py config, e.g. configs/opensora/tiny.py")
+    p.add_argument("--ckpt_path", default=None, help="split STDiT checkpoint (overrides model.from_pretrained)")
+    p.add_argument("--outdir", default=None, help="output folder (default: the config's save_dir)")
+    p.add_argument("--prompt_path", default=None, help="prompt file, one per line (default: the config's)")
+    p.add_argument("--precompute_text_embeds", default=None,
+                   help="safetensors file from t2v.scripts.encode_prompts; skips loading the text encoder")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the config's)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="DiT dtype (default: the config's)")
+    p.add_argument("--num_sampling_steps", type=int, default=None, help="sampling steps (default: the config's)")
+    p.add_argument("--num_prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+@dataclass
+class Run:
+    cfg: object
+    prompts: list
+    indices: list
+    outdir: Path
+    device: str
+    is_main: bool
+
+
+def resolve_run(args) -> Run:
+    """Config + CLI overrides, this process's share of the prompts, device."""
+    from t2v.pipeline.config import load_inference_config
+    from t2v.pipeline.distributed import shard, world
+    from t2v.pipeline.text_embeds import read_prompts
+
+    cfg = load_inference_config(args.config)
+    changes = {k: getattr(args, k) for k in ("seed", "dtype", "prompt_path") if getattr(args, k) is not None}
+    cfg = cfg.replace(**changes)
+    if cfg.prompt_path is None:
+        raise ValueError("no prompts: pass --prompt_path or set prompt_path in the config")
+    prompts = read_prompts(cfg.prompt_path)[: args.num_prompts]
+    rank, size = world()
+    indices = shard(list(range(len(prompts))), rank, size)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and size > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    outdir = Path(args.outdir or cfg.save_dir)
+    return Run(cfg, [prompts[i] for i in indices], indices, outdir, device, rank == 0)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def fail(exc: BaseException) -> int:
+    """Print one actionable line (no traceback) and return exit code 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
