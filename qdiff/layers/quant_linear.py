@@ -260,9 +260,11 @@ class QuantLinear(nn.Module):
 
         weights_quantized = folded or (self.quant_weight and self.weight_quantizer is not None)
         if self.frame_scale is not None and weights_quantized:
-            # [B*S, T, d_in] -> [B*S, T, r_out] -> [B*S, T, d_out], scaled per frame by m [1, T, 1]
-            post = F.linear(F.linear(x, self.lora_a_out.to(x.dtype)), self.lora_b_out.to(x.dtype))
-            y = y + self.frame_scale.to(x.dtype) * post
+            # m_t · x·(B_out·A_out)ᵀ: scale the rank-r_out projection per frame while it is small
+            # ([B*S, T, d_in] -> [B*S, T, r_out] · m [1, T, 1]), then add it in one rank-r_out update of y.
+            low = F.linear(x, self.lora_a_out.to(x.dtype)) * self.frame_scale.to(x.dtype)
+            y = torch.addmm(y.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]),
+                            self.lora_b_out.to(x.dtype).t()).reshape(y.shape)
         return y
 
     # ----------------------------------------------------------------- inference

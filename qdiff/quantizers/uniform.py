@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qdiff.kernels.fake_quant import fake_quant_per_token
 from qdiff.quantizers.config import ActQuantConfig, WeightQuantConfig
 
 # Smallest weight step: only reached by all-zero rows/groups, whose reconstruction stays exact.
@@ -207,6 +208,9 @@ class DynamicActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, range_index: int = 0) -> torch.Tensor:
         """x [..., C] (x [B, N, C] with reference grouping) -> x̂ same shape. `range_index` is unused."""
+        fused = not (self.cfg.reference_token_grouping or self.cfg.symmetric)
+        if fused and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+            return fake_quant_per_token(x, self.cfg.bits)  # one Triton pass; same math in fp32
         if self.cfg.reference_token_grouping:
             if x.dim() != 3:
                 raise ValueError(f"reference_token_grouping expects x [B, N, C], got shape {tuple(x.shape)}")

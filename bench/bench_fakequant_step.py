@@ -1,0 +1,150 @@
+"""Speed of one STDiT-XL/2 denoising step at 16x512x512 (CFG batch 2) in bf16: our bf16 model vs the same
+model with W4A8 fake quantization + TQE (the simulation that calibration and research run), in one process.
+
+Variants timed (median of CUDA-event timings after warm-up):
+  bf16                     our STDiT, no quantization
+  w4a8_tqe                 W4A8 Q-VDiT config: weights re-quantized every forward (W + B·A -> Q -> + B_out·A_out),
+                           as during distillation; per-token dynamic activation fake quant (fused Triton kernel)
+  w4a8_tqe_eager_act       the same with the eager (unfused) per-token fake quant, for comparison
+  w4a8_folded              weights folded once (W_eff materialised), activations fake-quantized: quantized inference
+Prints a table and writes JSON to --out. Needs a CUDA GPU.
+
+    python bench/bench_fakequant_step.py --out logs/bench/fakequant.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cuda_time(fn, iters: int, warmup: int) -> float:
+    """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def build_model(dtype):
+    from t2v.models.stdit import STDiT_XL_2
+
+    with torch.device("meta"):
+        model = STDiT_XL_2(input_size=(16, 64, 64))
+    model = model.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
+        model.y_embedder.y_embedding.normal_(0, 0.02, generator=gen)
+        model.pos_embed.copy_(model.spatial_pos_embed())
+        model.pos_embed_temporal.copy_(model.temporal_pos_embed())
+    return model.to(dtype).eval()
+
+
+def inputs(dtype, batch=2):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(batch, 4, 16, 64, 64, device="cuda", generator=gen, dtype=torch.float32).to(dtype)
+    t = torch.tensor([999, 999][:batch], device="cuda")
+    y = (torch.randn(batch, 1, 120, 4096, device="cuda", generator=gen) * 0.1).to(dtype)
+    mask = torch.ones(batch, 120, dtype=torch.long, device="cuda")
+    mask[:, 40:] = 0  # a typical prompt: 40 valid tokens
+    return x, t, y, mask
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quant_config", default=str(REPO / "configs/quant/w4a8_qvdit.yaml"))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON results file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fakequant_step needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    from qdiff.api import fold_model, init_weight_quantizers, quantize_model, set_quant_state
+    from qdiff.config import QuantConfig
+    from qdiff.kernels import fake_quant as fq
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16
+    model = build_model(dtype)
+    x, t, y, mask = inputs(dtype)
+    results = {}
+
+    def step():
+        with torch.no_grad():
+            return model(x, t, y, mask=mask)
+
+    torch.cuda.reset_peak_memory_stats()
+    results["bf16_ms"] = cuda_time(step, args.iters, args.warmup)
+    results["bf16_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    ref = step().float()
+    print(f"bf16 step: {results['bf16_ms']:.1f} ms", flush=True)
+
+    qcfg = QuantConfig.from_yaml(args.quant_config)
+    t0 = time.time()
+    quantize_model(model, qcfg, adapter="stdit")
+    set_quant_state(model, weight=True, act=True)
+    init_weight_quantizers(model)
+    torch.cuda.synchronize()
+    results["weight_init_s"] = time.time() - t0
+    with torch.no_grad():  # non-zero TQE terms, as after distillation
+        for m in model.modules():
+            if getattr(m, "lora_b", None) is not None:
+                m.lora_b.normal_(0, 1e-4)
+                m.lora_b_out.normal_(0, 1e-4)
+    torch.cuda.reset_peak_memory_stats()
+    results["w4a8_tqe_ms"] = cuda_time(step, args.iters, args.warmup)
+    results["w4a8_tqe_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out_q = step().float()
+    results["w4a8_rel_err_vs_bf16"] = ((out_q - ref).norm() / ref.norm()).item()
+    print(f"w4a8 fake quant + TQE: {results['w4a8_tqe_ms']:.1f} ms", flush=True)
+
+    fused = fq.fake_quant_per_token
+    fq_module = sys.modules["qdiff.quantizers.uniform"]
+    fq_module.fake_quant_per_token = fq.fake_quant_per_token_reference  # eager per-token fake quant
+    results["w4a8_tqe_eager_act_ms"] = cuda_time(step, args.iters, args.warmup)
+    results["eager_vs_fused_max_abs_diff"] = (step().float() - out_q).abs().max().item()
+    fq_module.fake_quant_per_token = fused
+    print(f"w4a8 eager act fake quant: {results['w4a8_tqe_eager_act_ms']:.1f} ms", flush=True)
+
+    fold_model(model)
+    torch.cuda.reset_peak_memory_stats()
+    results["w4a8_folded_ms"] = cuda_time(step, args.iters, args.warmup)
+    results["w4a8_folded_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    results["folded_vs_unfolded_rel"] = ((step().float() - out_q).norm() / out_q.norm()).item()
+
+    for key in ("w4a8_tqe_ms", "w4a8_tqe_eager_act_ms", "w4a8_folded_ms"):
+        results[key.replace("_ms", "_over_bf16")] = results[key] / results["bf16_ms"]
+    results["device"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    results["python"] = platform.python_version()
+    results["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
