@@ -67,7 +67,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 ) from None
             reason = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
             raise CheckpointError(f"{path} is not a readable checkpoint ({' '.join(reason.split())})") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
+        except Exception as error:  # a corrupt file can fail anywhere in the unpickler (IndexError, KeyError, ...)
             raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
 
     while isinstance(obj, dict):

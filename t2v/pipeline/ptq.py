@@ -1,0 +1,333 @@
+"""Stage 4: calibrate a quantized STDiT on captured calibration data (METHOD.md §3–§6).
+
+    ds = open_calib_data("logs/calib_data", qconfig)
+    calibrate(model, qconfig, ds, "logs/calib/w4a8_qvdit")   # -> <outdir>/quant_params.safetensors
+
+Steps, as the reference's `calib` script:
+1. `quantize_model(model, qconfig, adapter="stdit")` (TQE terms drawn from a generator seeded with
+   `distill.seed`, so every run and every rank starts from the same A, A_out);
+2. channel balancing statistics (`calibrate_balancing`) over a fixed, deterministic subset of the
+   calibration rows: `balance_rows` rows (default 256) taken from a seeded permutation of all
+   (prompt, step, row) samples, so the momentum average is not dominated by the last sampling steps;
+   forwarded in mini-batches of `distill.batch_size`;
+3. weight quantizer ranges (`init_weight_quantizers`);
+4. if `distill.enabled`: TQE/TMD distillation (`qdiff.distill.trainer.distill`). Each iteration draws
+   `distill.batch_size` rows uniformly with replacement from all (prompt, step, row) samples, from a
+   generator seeded by (seed, rank, iteration), so a resumed run draws exactly the same batches.
+
+Teacher (the FP targets). Without channel balancing (`balance.method: none`) the teacher is the SAME
+model with quantization switched off: a QuantLinear with both switches off and no balancing computes
+exactly `F.linear(x, W, b)` (TQE terms only enter the quantized path), so the targets are bit-exact FP
+and no second copy of the weights is needed. With balancing, the switched-off path computes
+(x/s)·(W·s)ᵀ (and rotates), which equals x·Wᵀ only up to rounding; there the teacher is a frozen deep
+copy of the FP model taken before quantization (one extra copy of the weights: 2.7 GB fp32 for XL/2).
+Targets are computed in fp32; on CUDA only the student forward runs under bf16 autocast.
+
+Student: runs in eval mode with the text mask, exactly as the teacher. The reference's student runs in
+train mode (10% caption dropout) and without the mask (METHOD.md §5 quirks); we do not copy that, and
+the config schema has no switch for it. Gradient checkpointing covers every block when
+`distill.grad_checkpointing` (the reference: blocks 1–26 only).
+
+Timestep ranges: `calib.timestep_ranges > 1` is not supported here (distillation batches mix
+timesteps; Q-VDiT uses one range) and fails up front.
+
+Outputs (rank 0 writes): quant_params.safetensors, quant_config.yaml (the resolved config; reads back
+with `QuantConfig.from_yaml`), inference_config.py (the resolved inference config, self-contained),
+distill_history.json (loss history and the relative output error of the fully quantized model on
+fixed calibration rows, at the PTQ initialisation and at the end), and, while distilling,
+distill_state.safetensors (the resumable checkpoint).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from qdiff.api import (
+    calibrate_balancing,
+    init_weight_quantizers,
+    quant_layers,
+    quantize_model,
+    save_quant_params,
+    set_quant_state,
+)
+from qdiff.config import QuantConfig
+from qdiff.distill.trainer import CHECKPOINT_NAME, distill
+from qdiff.io import atomic_path
+from t2v.pipeline.calib_data import CalibDataError, CalibDataset, subsample_steps
+
+log = logging.getLogger(__name__)
+
+QUANT_PARAMS_NAME = "quant_params.safetensors"
+QUANT_CONFIG_NAME = "quant_config.yaml"
+INFERENCE_CONFIG_NAME = "inference_config.py"
+HISTORY_NAME = "distill_history.json"
+
+
+class CalibrationMismatchError(ValueError):
+    """A resumed run's config differs from the one its output folder was made with."""
+
+
+def open_calib_data(path, qconfig: QuantConfig) -> CalibDataset:
+    """The calibration set with `calib.n_steps` kept steps; checks `calib.n_prompts` against the data."""
+    dataset = CalibDataset(path, n_steps=qconfig.calib.n_steps)
+    _check_calib(dataset, qconfig)
+    return dataset
+
+
+def check_outdir(outdir, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding results (or an interrupted run's checkpoint) unless resuming or overwriting."""
+    outdir = Path(outdir)
+    for name, what in ((QUANT_PARAMS_NAME, "calibration results"), (CHECKPOINT_NAME, "an interrupted distillation")):
+        if (outdir / name).exists() and not (resume or overwrite):
+            raise FileExistsError(f"{outdir} already holds {what} ({name}); "
+                                  "pass --resume to continue or --overwrite to start over")
+
+
+def calibrate(
+    model: nn.Module,
+    qconfig: QuantConfig,
+    calib: CalibDataset,
+    outdir,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    inference_config: Any = None,
+    balance_rows: int = 256,
+    eval_rows: int = 8,
+    log_every: int = 100,
+) -> Path:
+    """Quantize `model` in place (PTQ initialisation + optional distillation) and write the outputs.
+
+    Args:
+        model: the FP STDiT (eval mode); it is moved to `device` in float32 and quantized in place.
+        qconfig: the resolved quantization config.
+        calib: calibration data (see `open_calib_data`); its kept steps must match `calib.n_steps`.
+        outdir: output folder (created).
+        resume: continue an interrupted distillation from `<outdir>/distill_state.safetensors`.
+        overwrite: replace existing results (and start the distillation over).
+        device: where the model runs (default: the model's device).
+        progress: tqdm bars (rank 0).
+        inference_config: the InferenceConfig (or its dict) written to inference_config.py;
+            default: the one recorded in the calibration data.
+        balance_rows: calibration rows forwarded for the channel-balancing statistics.
+        eval_rows: fixed calibration rows on which the quantized model's relative error is reported.
+    Returns:
+        the path of `<outdir>/quant_params.safetensors`.
+    """
+    outdir = Path(outdir)
+    rank, world_size = _world()
+    if qconfig.calib.timestep_ranges > 1:
+        raise NotImplementedError("calib.timestep_ranges > 1 is not supported by stage 4: distillation batches mix "
+                                  "timesteps (Q-VDiT uses one range)")
+    _check_calib(calib, qconfig)
+    calib.check_compatible(model)
+    check_outdir(outdir, resume, overwrite)
+    if resume:
+        _check_resumable(outdir, qconfig)
+    started = time.time()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device=device, dtype=torch.float32).eval()
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:  # a stale checkpoint of an earlier config must never be resumed later
+            (outdir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        _write_text(outdir / QUANT_CONFIG_NAME, _render_quant_config(qconfig))
+        _write_text(outdir / INFERENCE_CONFIG_NAME, _render_inference_config(inference_config or calib.config))
+
+    # 1. the teacher: a frozen FP copy only where the switched-off quantized model is not exactly FP
+    teacher = None
+    if qconfig.balance.method != "none":
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(qconfig.distill.seed)
+        quantize_model(model, qconfig, adapter="stdit")
+
+    # 2-3. PTQ initialisation: balancing statistics, then weight quantizer ranges
+    balance_indices = _balance_indices(len(calib), balance_rows, qconfig.distill.seed)
+    step = qconfig.distill.batch_size
+
+    def run_balance_rows() -> None:
+        for start in range(0, len(balance_indices), step):
+            _forward(model, _to_device(calib.get(balance_indices[start:start + step]), device))
+
+    calibrate_balancing(model, qconfig, run_balance_rows)
+    init_weight_quantizers(model)
+    if world_size > 1:
+        _broadcast_quant_state(model)
+
+    def teacher_fn(batch: dict) -> torch.Tensor:
+        if teacher is not None:
+            return _forward(teacher, batch)
+        with _quantization_off(model):
+            return _forward(model, batch)
+
+    eval_indices = torch.linspace(0, len(calib) - 1, min(eval_rows, len(calib))).round().long()
+    eval_batch = _to_device(calib.get(eval_indices), device)
+    report = {"eval_rows": eval_indices.tolist(), "ptq_init": _relative_error(model, teacher_fn, eval_batch)}
+    if rank == 0:
+        log.info("PTQ initialisation: relative output error %.4g on %d calibration rows",
+                 report["ptq_init"]["relative_error"], len(eval_indices))
+
+    # 4. distillation
+    if qconfig.distill.enabled:
+        cfg = qconfig.distill
+
+        def batches(iteration: int) -> dict:
+            generator = torch.Generator().manual_seed(_batch_seed(cfg.seed, rank, iteration))
+            return _to_device(calib.sample_batch(cfg.batch_size, generator), device)
+
+        model.enable_gradient_checkpointing(cfg.grad_checkpointing)
+        try:
+            result = distill(model, teacher_fn, batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
+                             log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,
+                             student_fn=lambda batch: _forward(model, batch), overwrite=overwrite,
+                             log_every=log_every)
+        finally:
+            model.enable_gradient_checkpointing(False)
+        report.update(history=result["history"], resumed_from=result["resumed_from"])
+    report["final"] = _relative_error(model, teacher_fn, eval_batch)
+    report.update(distill=qconfig.distill.to_dict(), world_size=world_size, wall_time_s=time.time() - started)
+
+    path = outdir / QUANT_PARAMS_NAME
+    if rank == 0:
+        save_quant_params(model, qconfig, path, overwrite=True)
+        _write_text(outdir / HISTORY_NAME, json.dumps(report, indent=1) + "\n")
+        log.info("calibrated: relative output error %.4g (PTQ initialisation %.4g); wrote %s",
+                 report["final"]["relative_error"], report["ptq_init"]["relative_error"], path)
+    if world_size > 1:
+        dist.barrier()
+    return path
+
+
+# ------------------------------------------------------------------------------ model calls
+def _forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """batch (x [n, C, T, H, W], timestep [n], y [n, 1, L, Cc], mask [n, L]) -> output [n, 2C, T, H, W] fp32."""
+    return model(batch["x"], batch["timestep"], batch["y"], mask=batch["mask"]).float()
+
+
+@contextmanager
+def _quantization_off(model: nn.Module):
+    """Every QuantLinear computes in floating point for the duration (switches restored after)."""
+    layers = [layer for _, layer in quant_layers(model)]
+    before = [(layer.quant_weight, layer.quant_act) for layer in layers]
+    set_quant_state(model, weight=False, act=False)
+    try:
+        yield
+    finally:
+        for layer, (weight, act) in zip(layers, before):
+            layer.quant_weight, layer.quant_act = weight, act
+
+
+@torch.no_grad()
+def _relative_error(model: nn.Module, teacher_fn, batch: dict) -> dict:
+    """‖out_q − out_fp‖ / ‖out_fp‖ with weights and activations quantized (inference setting)."""
+    target = teacher_fn(batch)
+    set_quant_state(model, weight=True, act=True)
+    try:
+        pred = _forward(model, batch)
+    finally:
+        set_quant_state(model, weight=False, act=False)
+    return {"relative_error": float((pred - target).norm() / target.norm()),
+            "mse": float((pred - target).pow(2).mean())}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# ------------------------------------------------------------------------------ data and seeds
+def _check_calib(calib: CalibDataset, qconfig: QuantConfig) -> None:
+    expected = subsample_steps(calib.num_sampling_steps, min(qconfig.calib.n_steps, calib.num_sampling_steps))
+    if qconfig.calib.n_steps > calib.num_sampling_steps or list(calib.steps) != expected:
+        raise CalibDataError(
+            f"calib.n_steps={qconfig.calib.n_steps}, but the calibration data {calib.path} hold "
+            f"{calib.num_sampling_steps} sampling steps (loaded {len(calib.steps)}); pass "
+            f"--set calib.n_steps=N with N <= {calib.num_sampling_steps}, or recapture with more steps"
+        )
+    num_prompts = len(calib.prompts)
+    if num_prompts != qconfig.calib.n_prompts:
+        raise CalibDataError(
+            f"calib.n_prompts={qconfig.calib.n_prompts}, but the calibration data {calib.path} hold {num_prompts} "
+            f"prompt(s); pass --set calib.n_prompts={num_prompts} or capture {qconfig.calib.n_prompts} prompts"
+        )
+
+
+def _balance_indices(num_samples: int, rows: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_samples, generator=generator)[: max(1, rows)]
+
+
+def _batch_seed(seed: int, rank: int, iteration: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, rank, iteration): resumes redraw the same batches."""
+    digest = hashlib.sha256(f"qvdit-distill/{seed}/{rank}/{iteration}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _broadcast_quant_state(model: nn.Module) -> None:
+    """Make every rank's quant state (TQE init, Δ, zero points, smoothing) rank 0's, bit for bit."""
+    for _, layer in quant_layers(model):
+        for key, tensor in layer.state_dict().items():
+            if key not in ("weight", "bias") and tensor is not None:
+                dist.broadcast(tensor, src=0)  # state_dict tensors share storage with the layer
+
+
+# ------------------------------------------------------------------------------ files
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _render_quant_config(qconfig: QuantConfig) -> str:
+    header = "# Resolved quantization config of this calibration run (qdiff.config.QuantConfig.from_yaml reads it).\n"
+    return header + yaml.safe_dump(qconfig.to_dict(), sort_keys=False)
+
+
+def _render_inference_config(config: Any) -> str:
+    """An OpenSora-style .py config with every key written out (no `_base_`), so the copy stands alone."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    source = data.pop("source", "")
+    data = json.loads(json.dumps(data))  # plain lists/dicts, as the calibration data record it
+    lines = [f"# Inference config used for calibration (resolved from {source or 'the calibration data'})."]
+    lines += [f"{key} = {value!r}" for key, value in data.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _check_resumable(outdir: Path, qconfig: QuantConfig) -> None:
+    saved_path = outdir / QUANT_CONFIG_NAME
+    if not saved_path.exists():
+        if (outdir / CHECKPOINT_NAME).exists():
+            raise CalibrationMismatchError(f"{outdir} has {CHECKPOINT_NAME} but no {QUANT_CONFIG_NAME}; "
+                                           "cannot check it was made with this config (use --overwrite)")
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(qconfig.to_dict()))
+    free = {"enabled", "checkpoint_every", "grad_checkpointing"}  # do not change the result
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section), current.get(section)
+        if section == "distill" and isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in free}
+            b = {k: v for k, v in b.items() if k not in free}
+        if a != b:
+            diffs.append(f"{section}: {outdir} has {a!r}, current {b!r}")
+    if diffs:
+        raise CalibrationMismatchError(f"cannot resume {outdir} with another config:\n  " + "\n  ".join(diffs))
