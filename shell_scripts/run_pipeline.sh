@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole chain: FP inference -> calibration data -> calibration (+distillation) -> quantized inference for
+# each method -> a table comparing every quantized run with FP.
+#
+#   bash shell_scripts/run_pipeline.sh --preset tiny                      # CPU, a few minutes, no download
+#   bash shell_scripts/run_pipeline.sh --preset opensora-16x512x512 \
+#        --ckpt logs/split_ckpt/OpenSora-v1-HQ-16x512x512-split.safetensors [--text_embeds FILE]
+#
+# Env overrides: RUN (output folder), METHODS (quant config names in configs/quant/), GPU.
+set -euo pipefail
+
+PRESET=tiny; CKPT=""; TEXT_EMBEDS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2;;
+    --ckpt) CKPT=$2; shift 2;;
+    --text_embeds) TEXT_EMBEDS=$2; shift 2;;
+    -h|--help) sed -n 2,10p "$0"; exit 0;;
+    *) echo "run_pipeline.sh: unknown argument $1 (see --help)" >&2; exit 2;;
+  esac
+done
+
+case "$PRESET" in
+  tiny)
+    CFG=configs/opensora/tiny_qvdit.py
+    RUN=${RUN:-logs/pipeline_tiny}
+    METHODS=${METHODS:-"w8a8_ptq w4a8_viditq w4a6_qvdit"}
+    NPROMPTS=3
+    # Tiny data: 10 sampling steps, 3 prompts; a short distillation with a larger learning rate.
+    QUANT_SET=(--set calib.n_steps=10 --set calib.n_prompts=3 --set distill.iterations=60 --set distill.lr=5e-4 --set distill.checkpoint_every=30)
+    ;;
+  opensora-16x512x512)
+    CFG=configs/opensora/qvdit_16x512x512.py
+    RUN=${RUN:-logs/pipeline_opensora}
+    METHODS=${METHODS:-"w8a8_viditq w4a8_viditq w4a8_qvdit w3a6_qvdit"}
+    NPROMPTS=10
+    QUANT_SET=()
+    if [ -z "$CKPT" ]; then echo "run_pipeline.sh: --preset opensora-16x512x512 needs --ckpt SPLIT_CHECKPOINT" >&2; exit 2; fi
+    ;;
+  *) echo "run_pipeline.sh: unknown preset $PRESET (tiny | opensora-16x512x512)" >&2; exit 2;;
+esac
+
+COMMON=()
+if [ -n "$CKPT" ]; then COMMON+=(--ckpt_path "$CKPT"); fi
+if [ -n "$TEXT_EMBEDS" ]; then COMMON+=(--precompute_text_embeds "$TEXT_EMBEDS"); fi
+export CUDA_VISIBLE_DEVICES=${GPU:-${CUDA_VISIBLE_DEVICES:-0}}
+
+echo "== stage 2: FP inference -> $RUN/fp"
+python -m t2v.scripts.inference "$CFG" "${COMMON[@]}" --outdir "$RUN/fp" --num_prompts "$NPROMPTS" --overwrite
+echo "== stage 3: calibration data -> $RUN/calib_data"
+python -m t2v.scripts.get_calib_data "$CFG" "${COMMON[@]}" --outdir "$RUN/calib_data" --data_num "$NPROMPTS" --overwrite
+RUNS=()
+for method in $METHODS; do
+  echo "== stage 4: calibration $method -> $RUN/$method"
+  python -m t2v.scripts.calib "$CFG" "${COMMON[@]}" --quant_config "configs/quant/$method.yaml" \
+    --calib_data "$RUN/calib_data" --outdir "$RUN/$method" --overwrite --no_progress "${QUANT_SET[@]}"
+  echo "== stage 5: quantized inference $method -> $RUN/$method/videos"
+  python -m t2v.scripts.quant_inference "$CFG" "${COMMON[@]}" --calib_dir "$RUN/$method" \
+    --outdir "$RUN/$method/videos" --num_prompts "$NPROMPTS" --overwrite
+  RUNS+=("$RUN/$method/videos")
+done
+echo "== FP vs quantized"
+python -m t2v.scripts.compare_videos "$RUN/fp" "${RUNS[@]}" --names $METHODS --out "$RUN/comparison.md" --overwrite
