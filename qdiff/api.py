@@ -81,6 +81,19 @@ def set_quant_state(model: nn.Module, weight: bool = True, act: bool = True) -> 
         layer.quant_act = act
 
 
+@contextmanager
+def quant_state(model: nn.Module, weight: bool, act: bool):
+    """`set_quant_state` for the duration of a `with` block; every layer's previous switches restored after."""
+    layers = [layer for _, layer in quant_layers(model)]
+    before = [(layer.quant_weight, layer.quant_act) for layer in layers]
+    set_quant_state(model, weight=weight, act=act)
+    try:
+        yield
+    finally:
+        for layer, (w, a) in zip(layers, before):
+            layer.quant_weight, layer.quant_act = w, a
+
+
 def set_timestep(model: nn.Module, step_index: int, num_steps: int) -> None:
     """Tell every layer which sampling step runs (0 = first, noisiest): selects its timestep range.
 

@@ -45,7 +45,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from qdiff.api import quant_layers, set_quant_state, trainable_parameters
+from qdiff.api import quant_layers, quant_state, trainable_parameters
 from qdiff.config import DistillConfig
 from qdiff.distill.tmd import distill_loss
 from qdiff.io import save_safetensors_atomic
@@ -147,7 +147,7 @@ def distill(
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
-    with _frozen_except(student, trainable), _weights_quantized(student, cfg.quantize_activations):
+    with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations):
         for iteration in range(start, cfg.iterations):
             batch = batches(iteration)
             with torch.no_grad():
@@ -230,19 +230,6 @@ def _frozen_except(model: nn.Module, trainable: list[nn.Parameter]):
     finally:
         for p, flag in zip(params, before):
             p.requires_grad_(flag)
-
-
-@contextmanager
-def _weights_quantized(model: nn.Module, act: bool):
-    """Weights fake-quantized (activations only if `act`) for the duration; previous switches restored."""
-    layers = [layer for _, layer in quant_layers(model)]
-    before = [(layer.quant_weight, layer.quant_act) for layer in layers]
-    set_quant_state(model, weight=True, act=act)
-    try:
-        yield
-    finally:
-        for layer, (weight, activation) in zip(layers, before):
-            layer.quant_weight, layer.quant_act = weight, activation
 
 
 def _config_dict(cfg: DistillConfig) -> dict:

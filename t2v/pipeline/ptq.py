@@ -44,7 +44,6 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from qdiff.api import (
     calibrate_balancing,
     init_weight_quantizers,
     quant_layers,
+    quant_state,
     quantize_model,
     save_quant_params,
     set_quant_state,
@@ -170,7 +170,7 @@ def calibrate(
     def teacher_fn(batch: dict) -> torch.Tensor:
         if teacher is not None:
             return _forward(teacher, batch)
-        with _quantization_off(model):
+        with quant_state(model, weight=False, act=False):
             return _forward(model, batch)
 
     eval_indices = torch.linspace(0, len(calib) - 1, min(eval_rows, len(calib))).round().long()
@@ -215,19 +215,6 @@ def calibrate(
 def _forward(model: nn.Module, batch: dict) -> torch.Tensor:
     """batch (x [n, C, T, H, W], timestep [n], y [n, 1, L, Cc], mask [n, L]) -> output [n, 2C, T, H, W] fp32."""
     return model(batch["x"], batch["timestep"], batch["y"], mask=batch["mask"]).float()
-
-
-@contextmanager
-def _quantization_off(model: nn.Module):
-    """Every QuantLinear computes in floating point for the duration (switches restored after)."""
-    layers = [layer for _, layer in quant_layers(model)]
-    before = [(layer.quant_weight, layer.quant_act) for layer in layers]
-    set_quant_state(model, weight=False, act=False)
-    try:
-        yield
-    finally:
-        for layer, (weight, act) in zip(layers, before):
-            layer.quant_weight, layer.quant_act = weight, act
 
 
 @torch.no_grad()

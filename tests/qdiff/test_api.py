@@ -1,5 +1,4 @@
 """qdiff.api: model wrapping, state switches, timestep ranges, balancing init, save/load of quant params."""
-import dataclasses
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from qdiff.api import (
     trainable_parameters,
 )
 from qdiff.config import QuantConfig
-from qdiff.layers import QuantLinear
 
 T = 4
 
