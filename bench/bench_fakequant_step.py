@@ -3,9 +3,12 @@ model with W4A8 fake quantization + TQE (the simulation that calibration and res
 
 Variants timed (median of CUDA-event timings after warm-up):
   bf16                     our STDiT, no quantization
-  w4a8_tqe                 W4A8 Q-VDiT config: weights re-quantized every forward (W + B·A -> Q -> + B_out·A_out),
-                           as during distillation; per-token dynamic activation fake quant (fused Triton kernel)
-  w4a8_tqe_eager_act       the same with the eager (unfused) per-token fake quant, for comparison
+  w4a8_tqe                 W4A8 Q-VDiT config: weights re-quantized every forward (W + B·A -> Q -> + B_out·A_out,
+                           one fused Triton pass per layer), per-token dynamic activation fake quant (fused
+                           Triton kernel, once per input shared by q/k/v), fused per-frame TQE term
+  w4a8_tqe_eager_weight    ablation: the weight chain and the per-frame term as eager ops (as before the fused kernels)
+  w4a8_tqe_no_shared_input ablation: q/k/v each quantize their shared input
+  w4a8_tqe_eager_act       ablation: eager (unfused) per-token fake quant
   w4a8_folded              weights folded once (W_eff materialised), activations fake-quantized: quantized inference
 Prints a table and writes JSON to --out. Needs a CUDA GPU.
 
@@ -119,13 +122,36 @@ def main(argv=None) -> int:
     results["w4a8_rel_err_vs_bf16"] = ((out_q - ref).norm() / ref.norm()).item()
     print(f"w4a8 fake quant + TQE: {results['w4a8_tqe_ms']:.1f} ms", flush=True)
 
-    fused = fq.fake_quant_per_token
-    fq_module = sys.modules["qdiff.quantizers.uniform"]
-    fq_module.fake_quant_per_token = fq.fake_quant_per_token_reference  # eager per-token fake quant
+    # Ablations: switch one fused piece back to its eager form at a time.
+    from qdiff.layers.quant_linear import QuantLinear
+    from qdiff.quantizers import uniform
+
+    saved_tracks = QuantLinear._tracks_grad
+    QuantLinear._tracks_grad = lambda self: True
+    results["w4a8_tqe_eager_weight_ms"] = cuda_time(step, args.iters, args.warmup)
+    results["eager_weight_vs_fused_rel"] = ((step().float() - out_q).norm() / out_q.norm()).item()
+    QuantLinear._tracks_grad = saved_tracks
+    print(f"w4a8 eager weight path: {results['w4a8_tqe_eager_weight_ms']:.1f} ms", flush=True)
+
+    saved_memo = uniform._shared_input_fake_quant
+    uniform._shared_input_fake_quant = fq.fake_quant_per_token  # q/k/v quantize their shared input 3 times
+    results["w4a8_tqe_no_shared_input_ms"] = cuda_time(step, args.iters, args.warmup)
+    uniform.fake_quant_per_token = fq.fake_quant_per_token_reference
+    uniform._shared_input_fake_quant = fq.fake_quant_per_token_reference  # eager per-token fake quant
     results["w4a8_tqe_eager_act_ms"] = cuda_time(step, args.iters, args.warmup)
     results["eager_vs_fused_max_abs_diff"] = (step().float() - out_q).abs().max().item()
-    fq_module.fake_quant_per_token = fused
-    print(f"w4a8 eager act fake quant: {results['w4a8_tqe_eager_act_ms']:.1f} ms", flush=True)
+    uniform.fake_quant_per_token = fq.fake_quant_per_token
+    uniform._shared_input_fake_quant = saved_memo
+    print(f"w4a8 no shared-input memo: {results['w4a8_tqe_no_shared_input_ms']:.1f} ms; "
+          f"eager act fake quant: {results['w4a8_tqe_eager_act_ms']:.1f} ms", flush=True)
+
+    # The per-token kernel alone at the two activation widths of the model.
+    for cols in (1152, 4608):
+        xa = torch.randn(32768, cols, device="cuda", dtype=dtype)
+        ms = cuda_time(lambda: fq.fake_quant_per_token(xa, 8), 20, 5)
+        copy_ms = cuda_time(lambda: xa.clone(), 20, 5)
+        results[f"act_kernel_{cols}_gbps"] = 2 * xa.numel() * xa.element_size() / ms / 1e6
+        results[f"copy_{cols}_gbps"] = 2 * xa.numel() * xa.element_size() / copy_ms / 1e6
 
     fold_model(model)
     torch.cuda.reset_peak_memory_stats()
@@ -133,7 +159,8 @@ def main(argv=None) -> int:
     results["w4a8_folded_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["folded_vs_unfolded_rel"] = ((step().float() - out_q).norm() / out_q.norm()).item()
 
-    for key in ("w4a8_tqe_ms", "w4a8_tqe_eager_act_ms", "w4a8_folded_ms"):
+    for key in ("w4a8_tqe_ms", "w4a8_tqe_eager_weight_ms", "w4a8_tqe_no_shared_input_ms", "w4a8_tqe_eager_act_ms",
+                "w4a8_folded_ms"):
         results[key.replace("_ms", "_over_bf16")] = results[key] / results["bf16_ms"]
     results["device"] = torch.cuda.get_device_name()
     results["torch"] = torch.__version__

@@ -5,15 +5,20 @@ For each row x[i, :] of x [M, C] (asymmetric, b bits, q_max = 2^b − 1):
     Δ_i = max((hi − lo) / q_max, 1e-6),  z_i = round(−lo / Δ_i)
     x̂_ij = (clamp(round(x_ij / Δ_i) + z_i, 0, q_max) − z_i) · Δ_i
 Arithmetic in float32 whatever the input dtype; x̂ is returned in x's dtype. `round` is
-round-half-to-even, as torch.round. Forward only: use the autograd-aware quantizer for training.
+round-half-to-even, as torch.round, and the divisions are IEEE (`div_rn`), so the kernel equals the
+reference bit for bit. Rows per program and warps are autotuned per row length.
+Forward only: use the autograd-aware quantizer for training.
 """
 from __future__ import annotations
 
-import functools
+import os
 
 import torch
 
 MIN_DELTA = 1e-6
+# Under Triton's CPU interpreter (TRITON_INTERPRET=1, set before import) the kernels also take CPU
+# tensors: that is how CI checks them against the references without a GPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fake_quant_per_token_reference(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -28,12 +33,34 @@ def fake_quant_per_token_reference(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((q - zero_point) * delta).to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
+# Elements one program holds in registers at most (ROWS × BLOCK); larger tiles spill.
+_MAX_TILE = 16384
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    kept = [c for c in configs if c.kwargs["ROWS"] * block <= _MAX_TILE]
+    return kept or configs[:1]
+
+
+try:  # Triton is optional: CPU-only installs use the reference path
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
+if triton is not None:
+    @triton.jit
+    def rint_half_even(t):
+        """Round half to even in fp32 (as torch.round): adding and removing 1.5·2²³ leaves the rounded value.
+        |t| ≥ 2²² is passed through: such floats are integers or halves the clamps that follow remove."""
+        rounded = (t + 12582912.0) - 12582912.0
+        return tl.where(tl.abs(t) < 4194304.0, rounded, t)
+
+    _CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps)
+               for rows, warps in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 8))]
+
+    @triton.autotune(configs=_CONFIGS, key=["n_cols", "BLOCK"], prune_configs_by={"early_config_prune": _prune_tiles})
     @triton.jit
     def fake_quant_rows(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, q_max, min_delta,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -44,11 +71,15 @@ def _kernel():
         lo = tl.minimum(tl.min(x, axis=1), 0.0)[:, None]  # padding reads 0, which the clamps include anyway
         hi = tl.maximum(tl.max(x, axis=1), 0.0)[:, None]
         delta = tl.maximum(tl.math.div_rn(hi - lo, q_max), min_delta)
-        zero_point = libdevice.rint(tl.math.div_rn(-lo, delta))
-        q = libdevice.rint(tl.math.div_rn(x, delta)) + zero_point
+        zero_point = rint_half_even(tl.math.div_rn(-lo, delta))
+        q = rint_half_even(tl.math.div_rn(x, delta)) + zero_point
         q = tl.minimum(tl.maximum(q, 0.0), q_max)
         tl.store(y_ptr + rows * stride_y + cols, ((q - zero_point) * delta).to(y_ptr.dtype.element_ty), mask=valid)
 
+
+def _kernel():
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the `triton` package (pip install triton)")
     return triton, fake_quant_rows
 
 
@@ -64,7 +95,7 @@ def triton_available() -> bool:
 
 def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Fused Triton kernel on CUDA tensors, the reference elsewhere. x [..., C] -> x̂ [..., C]."""
-    if not x.is_cuda:
+    if not (x.is_cuda or INTERPRET):
         return fake_quant_per_token_reference(x, bits)
     if not 2 <= bits <= 8:
         raise ValueError(f"bits: expected 2..8, got {bits}")
@@ -76,9 +107,11 @@ def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((x2.shape[0], n_cols), device=x.device, dtype=x.dtype)
-    block = triton.next_power_of_2(n_cols)
-    rows = max(1, 4096 // block)  # ~4K elements per program
     n_rows = x2.shape[0]
-    kernel[(triton.cdiv(n_rows, rows),)](x2, y, n_rows, n_cols, x2.stride(0), y.stride(0), float(2**bits - 1),
-                                         MIN_DELTA, ROWS=rows, BLOCK=block, num_warps=8)
+    args = (x2, y, n_rows, n_cols, x2.stride(0), y.stride(0), float(2**bits - 1), MIN_DELTA)
+    block = triton.next_power_of_2(n_cols)
+    if INTERPRET:  # the interpreter cannot time configs: run one
+        kernel.fn[(triton.cdiv(n_rows, 2),)](*args, ROWS=2, BLOCK=block)
+    else:
+        kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, BLOCK=block)
     return y.reshape(x.shape)

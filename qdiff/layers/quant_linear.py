@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdiff.kernels.frame_low_rank import frame_rank1_update_
+from qdiff.kernels.weight_quant import fake_quant_weight
 from qdiff.quantizers.config import ActQuantConfig, TQEConfig, WeightQuantConfig
 from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, WeightQuantizer
 
@@ -202,13 +204,45 @@ class QuantLinear(nn.Module):
         """B_out · A_out [d_out, d_in], or None without the post-quantizer term."""
         if self.lora_b_out is None:
             return None
+        if self.lora_b_out.shape[1] == 1:  # rank 1 (the reference's): an exact fp32 outer product, never TF32
+            return self.lora_b_out * self.lora_a_out
         return self.lora_b_out @ self.lora_a_out
 
-    def effective_weight(self, range_index: int | None = None) -> torch.Tensor:
-        """W_eff = Q_w(W' + B·A) + B_out·A_out in fp32 -> [d_out, d_in]."""
+    def effective_weight(self, range_index: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_eff = Q_w(W' + B·A) + B_out·A_out, computed in fp32, returned in `out_dtype` -> [d_out, d_in].
+
+        Without autograd on a CUDA weight the elementwise chain runs as one fused Triton pass
+        (`qdiff.kernels.weight_quant`), equal to the eager ops bit for bit.
+        """
         if self.weight_quantizer is None:
             raise RuntimeError("effective_weight: this layer has no weight quantizer")
         range_index = self.range_index if range_index is None else range_index
+        if self.weight.is_cuda and self.weight_quantizer.is_initialized(range_index) and not self._tracks_grad():
+            return self._fused_effective_weight(range_index, out_dtype)
+        return self._eager_effective_weight(range_index).to(out_dtype)
+
+    def _tracks_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(p.requires_grad for p in self.parameters())
+
+    def _fused_effective_weight(self, range_index: int, out_dtype: torch.dtype) -> torch.Tensor:
+        quantizer = self.weight_quantizer
+        smooth, weight = self._smooth_scale(range_index), self.weight
+        if self._rotation() is not None:  # W' = (W·s)·H is a GEMM: form it first, then fuse the rest
+            smooth, weight = None, self.balanced_weight(range_index)
+        low_rank = None if self.lora_a is None else self.lora_b @ self.lora_a
+        post = None
+        if self.lora_b_out is not None:
+            rank1 = self.lora_b_out.shape[1] == 1
+            post = (self.lora_b_out, self.lora_a_out) if rank1 else self._post_weight()
+        groups = quantizer.num_groups
+        return fake_quant_weight(
+            weight, quantizer.delta[range_index].reshape(-1, groups), quantizer.zero_point[range_index].reshape(-1, groups),
+            quantizer.cfg.bits, quantizer.cfg.symmetric, smooth=smooth, low_rank=low_rank, post=post, out_dtype=out_dtype,
+        )
+
+    def _eager_effective_weight(self, range_index: int) -> torch.Tensor:
         weight = self.balanced_weight(range_index)
         if self.lora_a is not None:
             weight = weight + self.lora_b @ self.lora_a
@@ -250,7 +284,7 @@ class QuantLinear(nn.Module):
         if folded:
             weight = self.folded_weight[self.range_index if self.folded_weight.shape[0] > 1 else 0]
         elif self.quant_weight and self.weight_quantizer is not None:
-            weight = self.effective_weight()
+            weight = self.effective_weight(out_dtype=x.dtype)
         elif self.smooth_scale is not None or self._rotate:
             weight = self.balanced_weight()
         else:
@@ -260,6 +294,8 @@ class QuantLinear(nn.Module):
 
         weights_quantized = folded or (self.quant_weight and self.weight_quantizer is not None)
         if self.frame_scale is not None and weights_quantized:
+            if y.is_cuda and self.lora_a_out.shape[0] == 1 and not self._tracks_grad():  # one fused pass
+                return frame_rank1_update_(y, x, self.lora_a_out, self.lora_b_out, self.frame_scale)
             # m_t · x·(B_out·A_out)ᵀ: scale the rank-r_out projection per frame while it is small
             # ([B*S, T, d_in] -> [B*S, T, r_out] · m [1, T, 1]), then add it in one rank-r_out update of y.
             low = F.linear(x, self.lora_a_out.to(x.dtype)) * self.frame_scale.to(x.dtype)
@@ -283,7 +319,7 @@ class QuantLinear(nn.Module):
             raise RuntimeError("fold: needs a weight quantizer with quant_weight=True")
         # Stored in the layer's dtype: the forward casts to x's dtype anyway, so a bf16 model keeps
         # bf16 weights (half the memory of fp32, and no per-forward cast).
-        weights = torch.stack([self.effective_weight(r) for r in range(self.num_ranges)]).to(self.weight.dtype)
+        weights = torch.stack([self.effective_weight(r, out_dtype=self.weight.dtype) for r in range(self.num_ranges)])
         if all(torch.equal(weights[0], other) for other in weights[1:]):
             weights = weights[:1]  # ranges share one weight: store it once
         kept = {}

@@ -7,6 +7,8 @@ Rounding goes through a straight-through estimator, so x and Δ both receive gra
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -170,13 +172,16 @@ class WeightQuantizer(nn.Module):
         self.initialized[range_index] = True
         self._known_initialized[range_index] = True
 
+    def is_initialized(self, range_index: int = 0) -> bool:
+        """Whether range `range_index` has Δ and z (reads the device flag once, then a host mirror)."""
+        if not self._known_initialized[range_index] and bool(self.initialized[range_index]):
+            self._known_initialized[range_index] = True
+        return self._known_initialized[range_index]
+
     def forward(self, w: torch.Tensor, range_index: int = 0) -> torch.Tensor:
         """w [d_out, d_in] -> fake-quantized ŵ [d_out, d_in] with the ranges of `range_index`."""
-        if not self._known_initialized[range_index]:
-            if bool(self.initialized[range_index]):
-                self._known_initialized[range_index] = True
-            else:
-                self.init_from(w, range_index)
+        if not self.is_initialized(range_index):
+            self.init_from(w, range_index)
         grouped = w.reshape(self.out_features, self.num_groups, -1)  # [d_out, G, g]
         delta, zero_point = self.delta[range_index], self.zero_point[range_index]
         return fake_quant(grouped, delta, zero_point, self.cfg.bits, self.cfg.symmetric).reshape(w.shape)
@@ -186,6 +191,31 @@ class WeightQuantizer(nn.Module):
             f"bits={self.cfg.bits}, symmetric={self.cfg.symmetric}, group_size={self.cfg.group_size}, "
             f"init={self.cfg.init}, num_ranges={self.num_ranges}"
         )
+
+
+class _LastFakeQuant:
+    """One-entry memo of the fused per-token fake quant, for layers that share an input.
+
+    q, k and v (and any other siblings) receive the same tensor; without balancing their quantized
+    inputs are identical, so the second and third calls return the first result. The entry is keyed
+    by the input's identity (a weak reference), its version counter (bumped by in-place writes) and
+    the bit width, and the result's own version is checked, so a modified or different tensor is
+    never served a stale result.
+    """
+
+    def __init__(self):
+        self.key, self.result, self.result_version = None, None, -1
+
+    def __call__(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if (self.key is not None and self.key[0]() is x and self.key[1:] == (x._version, bits)
+                and self.result._version == self.result_version):  # nobody wrote into the result either
+            return self.result
+        result = fake_quant_per_token(x, bits)
+        self.key, self.result, self.result_version = (weakref.ref(x), x._version, bits), result, result._version
+        return result
+
+
+_shared_input_fake_quant = _LastFakeQuant()
 
 
 class DynamicActQuantizer(nn.Module):
@@ -210,7 +240,7 @@ class DynamicActQuantizer(nn.Module):
         """x [..., C] (x [B, N, C] with reference grouping) -> x̂ same shape. `range_index` is unused."""
         fused = not (self.cfg.reference_token_grouping or self.cfg.symmetric)
         if fused and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
-            return fake_quant_per_token(x, self.cfg.bits)  # one Triton pass; same math in fp32
+            return _shared_input_fake_quant(x, self.cfg.bits)  # one Triton pass; same math in fp32
         if self.cfg.reference_token_grouping:
             if x.dim() != 3:
                 raise ValueError(f"reference_token_grouping expects x [B, N, C], got shape {tuple(x.shape)}")
