@@ -77,6 +77,39 @@ if triton is not None:
         tl.store(y_ptr + rows * stride_y + cols, ((q - zero_point) * delta).to(y_ptr.dtype.element_ty), mask=valid)
 
 
+    _CHUNKED_CONFIGS = [triton.Config({"ROWS": rows, "CHUNK": chunk}, num_warps=warps)
+                        for rows in (4, 8, 16) for chunk in (128, 256) for warps in (4, 8)]
+
+    @triton.autotune(configs=_CHUNKED_CONFIGS, key=["n_cols"])
+    @triton.jit
+    def fake_quant_rows_chunked(x_ptr, y_ptr, n_rows, n_cols: tl.constexpr, stride_x, stride_y, q_max, min_delta,
+                                ROWS: tl.constexpr, CHUNK: tl.constexpr):
+        """Same math, two passes over column chunks (min/max, then quantize; the re-read hits the cache):
+        no lanes wasted on padding to a power of two, and small tiles. The row length is a compile-time
+        constant (a model has a handful of widths), so the loops are unrolled."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+        row_ok = rows < n_rows
+        lo = tl.zeros([ROWS], dtype=tl.float32)  # starting at 0 is the clamp min(·, 0) / max(·, 0)
+        hi = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, CHUNK):
+            cols = start + tl.arange(0, CHUNK)[None, :]
+            x = tl.load(x_ptr + rows * stride_x + cols, mask=row_ok & (cols < n_cols), other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.min(x, axis=1))
+            hi = tl.maximum(hi, tl.max(x, axis=1))
+        delta = tl.maximum(tl.math.div_rn(hi - lo, q_max), min_delta)[:, None]
+        zero_point = rint_half_even(tl.math.div_rn(-lo[:, None], delta))
+        for start in range(0, n_cols, CHUNK):
+            cols = start + tl.arange(0, CHUNK)[None, :]
+            valid = row_ok & (cols < n_cols)
+            x = tl.load(x_ptr + rows * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(rint_half_even(tl.math.div_rn(x, delta)) + zero_point, 0.0), q_max)
+            tl.store(y_ptr + rows * stride_y + cols, ((q - zero_point) * delta).to(y_ptr.dtype.element_ty), mask=valid)
+
+
+# Which row kernel `fake_quant_per_token` launches: "single_pass" (whole row in registers) or "chunked".
+ROW_KERNEL = "single_pass"
+
+
 def _kernel():
     if triton is None:
         raise RuntimeError("the Triton kernels need the `triton` package (pip install triton)")
@@ -109,9 +142,14 @@ def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     y = torch.empty((x2.shape[0], n_cols), device=x.device, dtype=x.dtype)
     n_rows = x2.shape[0]
     args = (x2, y, n_rows, n_cols, x2.stride(0), y.stride(0), float(2**bits - 1), MIN_DELTA)
-    block = triton.next_power_of_2(n_cols)
+    chunked = ROW_KERNEL == "chunked"
     if INTERPRET:  # the interpreter cannot time configs: run one
-        kernel.fn[(triton.cdiv(n_rows, 2),)](*args, ROWS=2, BLOCK=block)
+        if chunked:
+            fake_quant_rows_chunked.fn[(triton.cdiv(n_rows, 4),)](*args, ROWS=4, CHUNK=32)
+        else:
+            kernel.fn[(triton.cdiv(n_rows, 2),)](*args, ROWS=2, BLOCK=triton.next_power_of_2(n_cols))
+    elif chunked:
+        fake_quant_rows_chunked[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args)
     else:
-        kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, BLOCK=block)
+        kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, BLOCK=triton.next_power_of_2(n_cols))
     return y.reshape(x.shape)
