@@ -145,23 +145,13 @@ def main(argv=None) -> int:
     print(f"w4a8 no shared-input memo: {results['w4a8_tqe_no_shared_input_ms']:.1f} ms; "
           f"eager act fake quant: {results['w4a8_tqe_eager_act_ms']:.1f} ms", flush=True)
 
-    # The per-token kernel alone at the two activation widths of the model, both row kernels.
-    default_kernel = fq.ROW_KERNEL
+    # The per-token kernel alone at the two activation widths of the model, against a copy.
     for cols in (1152, 4608):
         xa = torch.randn(32768, cols, device="cuda", dtype=dtype)
         copy_ms = cuda_time(lambda: xa.clone(), 20, 5)
         results[f"copy_{cols}_gbps"] = 2 * xa.numel() * xa.element_size() / copy_ms / 1e6
-        for variant in ("single_pass", "chunked"):
-            fq.ROW_KERNEL = variant
-            ms = cuda_time(lambda: fq.fake_quant_per_token(xa, 8), 20, 5)
-            results[f"act_kernel_{variant}_{cols}_gbps"] = 2 * xa.numel() * xa.element_size() / ms / 1e6
-            results[f"act_kernel_{variant}_{cols}_exact"] = torch.equal(
-                fq.fake_quant_per_token(xa, 8), fq.fake_quant_per_token_reference(xa, 8))
-    for variant in ("single_pass", "chunked"):
-        fq.ROW_KERNEL = variant
-        results[f"w4a8_tqe_{variant}_ms"] = cuda_time(step, args.iters, args.warmup)
-        print(f"w4a8 fake quant + TQE with the {variant} row kernel: {results[f'w4a8_tqe_{variant}_ms']:.1f} ms", flush=True)
-    fq.ROW_KERNEL = default_kernel
+        ms = cuda_time(lambda: fq.fake_quant_per_token(xa, 8), 20, 5)
+        results[f"act_kernel_{cols}_gbps"] = 2 * xa.numel() * xa.element_size() / ms / 1e6
 
     fold_model(model)
     torch.cuda.reset_peak_memory_stats()
@@ -169,7 +159,7 @@ def main(argv=None) -> int:
     results["w4a8_folded_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["folded_vs_unfolded_rel"] = ((step().float() - out_q).norm() / out_q.norm()).item()
 
-    for key in ("w4a8_tqe_ms", "w4a8_tqe_single_pass_ms", "w4a8_tqe_chunked_ms", "w4a8_tqe_eager_weight_ms", "w4a8_tqe_no_shared_input_ms", "w4a8_tqe_eager_act_ms",
+    for key in ("w4a8_tqe_ms", "w4a8_tqe_eager_weight_ms", "w4a8_tqe_no_shared_input_ms", "w4a8_tqe_eager_act_ms",
                 "w4a8_folded_ms"):
         results[key.replace("_ms", "_over_bf16")] = results[key] / results["bf16_ms"]
     results["device"] = torch.cuda.get_device_name()
