@@ -80,6 +80,26 @@ class VideoAutoencoderKL(nn.Module):
         return rearrange(torch.cat(decoded, dim=0), "(b t) c h w -> b c t h w", b=batch)
 
 
+class PixelVAE(nn.Module):
+    """The identity "VAE" of pixel-space models (the tiny trained model): latents are the video itself.
+
+    encode: x [B, 3, T, H, W] -> x clamped to [-1, 1]; decode: z [B, 3, T, H, W] -> z clamped to [-1, 1].
+    Same interface as `VideoAutoencoderKL` (out_channels 3, downsample_factor 1).
+    """
+
+    out_channels = 3
+    downsample_factor = 1
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               sample_posterior: bool = True) -> torch.Tensor:
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z.clamp(-1, 1)
+
+
 def _load_local_vae(path: str) -> AutoencoderKL:
     """AutoencoderKL from a local folder; a clear error when the folder is missing or incomplete."""
     folder = Path(path)

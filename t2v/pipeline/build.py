@@ -23,17 +23,21 @@ def latent_size(cfg: InferenceConfig, vae) -> tuple[int, int, int]:
 
 
 def build_vae(cfg: InferenceConfig, device="cpu"):
-    from t2v.models.vae import VideoAutoencoderKL, build_tiny_vae
+    from t2v.models.vae import PixelVAE, VideoAutoencoderKL, build_tiny_vae
 
     vcfg = dict(cfg.vae)
     kind = vcfg.pop("type")
-    if kind == "tiny":
+    if kind == "pixel":  # pixel-space model: the identity
+        if vcfg:
+            raise ConfigError(f"vae.type 'pixel' takes no other keys, got {sorted(vcfg)}")
+        vae = PixelVAE()
+    elif kind == "tiny":
         vae = build_tiny_vae(seed=vcfg.get("init_seed", 0))
         vae.micro_batch_size = vcfg.get("micro_batch_size", vae.micro_batch_size)
     elif kind == "VideoAutoencoderKL":
         vae = VideoAutoencoderKL(from_pretrained=vcfg["from_pretrained"], micro_batch_size=vcfg.get("micro_batch_size", 128))
     else:
-        raise ConfigError(f"vae.type: expected 'VideoAutoencoderKL' or 'tiny', got {kind!r}")
+        raise ConfigError(f"vae.type: expected 'VideoAutoencoderKL', 'tiny' or 'pixel', got {kind!r}")
     return vae.to(device).eval()
 
 
@@ -46,7 +50,27 @@ def build_text_encoder(cfg: InferenceConfig, device="cpu", dtype=torch.float32):
         return build_tiny_text_encoder(seed=tcfg.get("init_seed", 0), model_max_length=tcfg.get("model_max_length", 8)).to(device)
     if kind == "t5":
         return T5TextEncoder(tcfg["from_pretrained"], model_max_length=tcfg.get("model_max_length", 120), device=device, dtype=dtype)
-    raise ConfigError(f"text_encoder.type: expected 't5' or 'tiny', got {kind!r}")
+    if kind == "tiny_trained":  # the word-level T5 stored with the tiny trained DiT
+        module, info = _load_tiny_trained(tcfg, "text_encoder")
+        return T5TextEncoder(model=module.text, tokenizer=module.tokenizer, model_max_length=info["model_max_length"],
+                             device=device, dtype=dtype)
+    raise ConfigError(f"text_encoder.type: expected 't5', 'tiny' or 'tiny_trained', got {kind!r}")
+
+
+def _load_tiny_trained(section: dict, name: str, path: str | None = None):
+    """(TinyT2V, metadata) from `path` or section["from_pretrained"]; ConfigError naming the key and how to train."""
+    from t2v.models.tiny_t2v import TRAIN_HINT, load_tiny_t2v
+
+    unknown = sorted(set(section) - {"type", "from_pretrained", "init_seed"})
+    if unknown:
+        raise ConfigError(f"{name}.type 'tiny_trained' reads its configuration from the checkpoint; unexpected key(s) "
+                          f"{unknown}")
+    path = path or section.get("from_pretrained")
+    if not path:
+        raise ConfigError(f"{name}.from_pretrained: the tiny_trained checkpoint path is missing; {TRAIN_HINT}")
+    if not Path(path).is_file():
+        raise ConfigError(f"{name}.from_pretrained: tiny trained checkpoint not found: {path}; {TRAIN_HINT}")
+    return load_tiny_t2v(path)
 
 
 def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, device="cpu", dtype=torch.float32):
@@ -56,6 +80,12 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
 
     mcfg = dict(cfg.model)
     kind = mcfg.get("type")
+    if kind == "tiny_trained":
+        module, _ = _load_tiny_trained(mcfg, "model", ckpt_path)
+        if tuple(module.dit.input_size) != tuple(input_size):
+            raise ConfigError(f"the tiny trained model was trained for input (T, H, W) = "
+                              f"{tuple(module.dit.input_size)}, but num_frames/image_size give {tuple(input_size)}")
+        return module.dit.to(device=device, dtype=dtype).eval()
     path = ckpt_path or mcfg.get("from_pretrained")
     kwargs = {k: v for k, v in mcfg.items() if k not in _MODEL_LOADER_KEYS}
     kwargs["input_size"] = tuple(input_size)
@@ -64,7 +94,7 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
     elif kind == "STDiT":
         factory = STDiT
     else:
-        raise ConfigError(f"model.type: expected 'STDiT-XL/2' or 'STDiT', got {kind!r}")
+        raise ConfigError(f"model.type: expected 'STDiT-XL/2', 'STDiT' or 'tiny_trained', got {kind!r}")
     if path is None:
         torch.manual_seed(mcfg.get("init_seed", 0))
         model = factory(**kwargs)

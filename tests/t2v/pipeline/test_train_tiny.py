@@ -1,0 +1,153 @@
+"""Tiny text-to-video training on CPU with a micro config: the loss falls, resume is bit-exact, the checkpoint
+loads through the tiny_trained preset and samples videos, and the pieces fail with clear errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qdiff.api import quantize_model, set_quant_state
+from qdiff.config import QuantConfig
+from t2v.data import shapes
+from t2v.models.tiny_t2v import TinyT2V, read_tiny_metadata, tiny_state_dict
+from t2v.pipeline.build import build_model
+from t2v.pipeline.config import ConfigError, load_inference_config
+from t2v.pipeline.sample import build_pipeline, generate_videos
+from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
+                                     new_state, train, train_step)
+from t2v.pipeline.video_io import read_video
+from t2v.schedulers.iddpm import IDDPM
+from t2v.scripts import train_tiny as train_tiny_cli
+
+MICRO = dict(device="cpu", batch_size=4, depth=1, hidden_size=32, num_heads=2, text_d_model=16, text_layers=1,
+             text_heads=2, text_d_ff=32, num_frames=4, patch_size=(1, 8, 8), eval_prompts=0, log_every=1,
+             ckpt_every=1000)
+PRESET = "configs/opensora/tiny_trained.py"
+QUIET = dict(print_fn=lambda message: None)
+
+
+def tiny_trained_config(path, **changes):
+    """The tiny_trained preset pointed at `path`, with the micro model's 4 frames."""
+    cfg = load_inference_config(PRESET)
+    return cfg.replace(model={**cfg.model, "from_pretrained": str(path)}, num_frames=4,
+                       text_encoder={**cfg.text_encoder, "from_pretrained": str(path)}, **changes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A micro model trained for 3 steps: its output folder."""
+    outdir = tmp_path_factory.mktemp("tiny") / "run"
+    train(TrainConfig(steps=3, **MICRO), outdir, **QUIET)
+    return outdir
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    cfg = TrainConfig(lr=3e-3, warmup_steps=1, **{**MICRO, "batch_size": 8})
+    state, diffusion = new_state(cfg, torch.device("cpu")), IDDPM(num_sampling_steps=1000)
+    ids, mask = caption_token_table(state.module, "cpu")
+    gen = torch.Generator().manual_seed(123)
+    videos, caption_ids = shapes.sample_batch(32, gen, "train", cfg.spec())
+    index, noise = torch.randint(0, 1000, (32,), generator=gen), torch.randn(videos.shape, generator=gen)
+
+    def fixed_batch_mse(module):
+        with torch.no_grad():
+            y = module.eval().encode_text(ids[caption_ids], mask[caption_ids])
+            kwargs = {"y": y, "mask": mask[caption_ids]}
+            return diffusion.training_losses(module.dit, videos, index, kwargs, noise=noise)["mse"].mean().item()
+
+    before = fixed_batch_mse(state.module)
+    assert abs(before - 1.0) < 0.05  # zero-initialised final layer: eps = 0 at the start
+    for _ in range(30):
+        out = train_step(state, diffusion, ids, mask, autocast=False)
+        assert torch.isfinite(out["loss"])
+    assert fixed_batch_mse(state.module) < 0.95 * before and fixed_batch_mse(state.ema) < 0.95 * before
+
+
+def test_resume_equals_uninterrupted_bit_exactly(tmp_path):
+    train(TrainConfig(steps=4, **MICRO), tmp_path / "straight", **QUIET)
+    train(TrainConfig(steps=2, **MICRO), tmp_path / "resumed", **QUIET)
+    train(TrainConfig(steps=4, **MICRO), tmp_path / "resumed", resume=True, **QUIET)
+    a, b = load_file(tmp_path / "straight" / STATE_NAME), load_file(tmp_path / "resumed" / STATE_NAME)
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = json.loads((tmp_path / "resumed" / "train_log.json").read_text())
+    assert [entry["step"] for entry in log["intervals"]] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_architecture_and_existing_state_needs_a_flag(trained):
+    with pytest.raises(ValueError, match="depth: saved 1, now 2"):
+        train(TrainConfig(steps=4, **{**MICRO, "depth": 2}), trained, resume=True, **QUIET)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(steps=4, **MICRO), trained, **QUIET)
+
+
+def test_outputs_and_checkpoint_metadata(trained):
+    for name in (MODEL_NAME, STATE_NAME, "train_log.json", "loss_curve.png"):
+        assert (trained / name).is_file()
+    info = read_tiny_metadata(trained / MODEL_NAME)
+    assert info["vocabulary"] == shapes.vocabulary() and info["step"] == 3 and info["seed"] == 0
+    assert info["recipe"]["depth"] == 1 and info["dit_config"]["patch_size"] == [1, 8, 8]
+    tensors = load_file(trained / MODEL_NAME)
+    assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
+    assert all(k.startswith(("dit.", "text.")) for k in tensors) and "dit.pos_embed" not in tensors
+
+
+def test_checkpoint_round_trips_through_the_preset_and_samples_videos(trained, tmp_path):
+    cfg = tiny_trained_config(trained / MODEL_NAME, batch_size=2)
+    pipe = build_pipeline(cfg, num_sampling_steps=3)
+    ema = load_file(trained / STATE_NAME)
+    for name, value in pipe.model.state_dict().items():
+        if name not in ("pos_embed", "pos_embed_temporal"):
+            assert torch.equal(value, ema[f"ema.dit.{name}"].half().float()), name
+    prompts = shapes.heldout_prompts()[:2]
+    paths = generate_videos(pipe, prompts, tmp_path, progress=False)
+    assert len(paths) == 2 and read_video(paths[0]).shape == (4, 32, 32, 3)
+    latent = load_file(str(paths[0]).replace(".mp4", ".latent.safetensors"))["latent"]
+    assert latent.shape == (3, 4, 32, 32)  # pixel space: the latent is the video (before the clamp to [-1, 1])
+    assert torch.equal(pipe.vae.decode(latent), latent.clamp(-1, 1))
+
+
+def test_unknown_word_and_missing_checkpoint_are_clear_errors(trained, tmp_path):
+    pipe = build_pipeline(tiny_trained_config(trained / MODEL_NAME), num_sampling_steps=2)
+    with pytest.raises(ValueError, match=r"unknown word 'purple'.*'magenta'"):
+        pipe.text_encoder.encode(["a purple circle moving left on a black background"])
+    missing = tiny_trained_config(tmp_path / "nowhere.safetensors")
+    with pytest.raises(ConfigError, match=r"model.from_pretrained.*not found.*t2v.scripts.train_tiny"):
+        build_pipeline(missing)
+    with pytest.raises(ConfigError, match=r"trained for input"):
+        build_model(tiny_trained_config(trained / MODEL_NAME), (16, 32, 32))
+
+
+def test_quantize_model_runs_on_the_trained_dit(trained):
+    pipe = build_pipeline(tiny_trained_config(trained / MODEL_NAME), num_sampling_steps=2)
+    text = pipe.text_encoder.encode(shapes.heldout_prompts()[:2])
+    x, t = torch.randn(2, 3, 4, 32, 32), torch.tensor([900, 100])
+    reference = pipe.model(x, t, text["y"], mask=text["mask"])
+    quantize_model(pipe.model, QuantConfig.from_yaml("configs/quant/w8a8_qvdit.yaml"), adapter="stdit")
+    set_quant_state(pipe.model, weight=True, act=True)
+    quantized = pipe.model(x, t, text["y"], mask=text["mask"])
+    assert quantized.shape == (2, 6, 4, 32, 32) and torch.isfinite(quantized).all()
+    assert (quantized - reference).norm() / reference.norm() < 0.1
+
+
+def test_time_budget_stops_cleanly_and_cli(tmp_path, capsys):
+    state = train(TrainConfig(steps=50, max_minutes=1e-6, **MICRO), tmp_path / "budget", **QUIET)
+    assert state.step <= 1 and (tmp_path / "budget" / MODEL_NAME).is_file()  # 60 µs: at most the first step
+    args = ["--outdir", str(tmp_path / "cli"), "--steps", "1", "--eval_prompts", "1", "--eval_steps", "2"]
+    args += [item for key, value in MICRO.items() if key not in ("eval_prompts",)
+             for item in (f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+    assert train_tiny_cli.main(args) == 0
+    log = json.loads((tmp_path / "cli" / "train_log.json").read_text())
+    assert set(log["eval"]["heldout"]["accuracy"]) == {"colour", "shape", "motion", "all"}
+    assert (tmp_path / "cli" / "eval_samples.png").is_file()
+    assert train_tiny_cli.main(args) == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny_cli.main(["--help"])
+    assert exit_info.value.code == 0
+
+
+def test_default_model_fits_the_25_mb_budget():
+    module = build_tiny_model(TrainConfig())
+    assert isinstance(module, TinyT2V) and module.dit.num_temporal * module.dit.num_spatial == 1024
+    size = sum(v.numel() * v.element_size() for v in tiny_state_dict(module, torch.float16).values())
+    assert size < 20e6, f"{size / 1e6:.1f} MB"
