@@ -33,7 +33,7 @@ from qdiff.quantizers import StaticActQuantizer
 
 FORMAT_VERSION = "1"
 # Config sections that change what the quantized model computes (distill/calib only say how it was made).
-_MODEL_SECTIONS = ("method", "weight", "act", "tqe", "balance", "fp_layers")
+MODEL_SECTIONS = ("method", "weight", "act", "tqe", "balance", "fp_layers")
 
 
 class QuantParamsError(ValueError):
@@ -240,12 +240,13 @@ def read_quant_params_header(path) -> dict:
     return {"config": json.loads(meta["config"]), "layers": json.loads(meta["layers"])}
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Leaf-by-leaf differences of two nested config dicts, as "a.b: file has X, current has Y" lines."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: file has {a!r}, current has {b!r}")
     return out
@@ -258,9 +259,9 @@ def load_quant_params(model: nn.Module, qconfig: QuantConfig, path) -> None:
     Folded files load into a model that is folded the same way (call `fold_model` first).
     """
     header = read_quant_params_header(path)
-    saved_cfg = {k: header["config"].get(k) for k in _MODEL_SECTIONS}
-    current_cfg = {k: qconfig.to_dict().get(k) for k in _MODEL_SECTIONS}
-    diffs = _differences(saved_cfg, current_cfg)
+    saved_cfg = {k: header["config"].get(k) for k in MODEL_SECTIONS}
+    current_cfg = {k: qconfig.to_dict().get(k) for k in MODEL_SECTIONS}
+    diffs = config_differences(saved_cfg, current_cfg)
     saved_layers, current_layers = header["layers"], _layer_table(model)
     missing = sorted(set(saved_layers) - set(current_layers))
     extra = sorted(set(current_layers) - set(saved_layers))
@@ -269,7 +270,7 @@ def load_quant_params(model: nn.Module, qconfig: QuantConfig, path) -> None:
     if extra:
         diffs.append(f"{len(extra)} quantized layer(s) of the model are not in the file, e.g. {extra[:3]}")
     for name in sorted(set(saved_layers) & set(current_layers)):
-        diffs += _differences(saved_layers[name], current_layers[name], f"{name}.")
+        diffs += config_differences(saved_layers[name], current_layers[name], f"{name}.")
     if diffs:
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
         raise QuantParamsError(f"{path} was made for another model or config:\n  {shown}")

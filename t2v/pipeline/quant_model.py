@@ -1,11 +1,14 @@
-"""Stage 5 building blocks: turn the FP STDiT into the quantized model of a saved calibration run, and tell
-its layers which sampling step runs.
+"""Stage 5/6 building blocks: turn the FP STDiT into the quantized model of a saved calibration run, tell its
+layers which sampling step runs, export its integer weights (stage 6) and load them for real low-bit inference.
 
     qmodel = build_quant_model(pipe.model, qconfig, "logs/calib/w4a8_qvdit/quant_params.safetensors")
     generate_videos(pipe, prompts, outdir, on_step=quant_step_hook(qmodel, pipe.sampler.num_sampling_steps))
+    export_int_weights(fp32_model, qconfig, quant_params_path, "logs/calib/w4a8_qvdit/int_weights.safetensors")
+    build_int_model(pipe.model, "logs/calib/w4a8_qvdit/int_weights.safetensors", qconfig)   # nn.Linear -> IntLinear
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -14,6 +17,10 @@ from qdiff.api import fold_model, load_quant_params, quantize_model, read_quant_
 from qdiff.config import QuantConfig
 
 ADAPTER = "stdit"
+INT_WEIGHTS_NAME = "int_weights.safetensors"
+# STDiT constructor facts an integer-weights file must match (dtype and kernel switches may differ).
+_MODEL_INFO_KEYS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                    "pred_sigma", "caption_channels", "model_max_length", "space_scale", "time_scale")
 
 
 def build_quant_model(model: nn.Module, qconfig: QuantConfig, quant_params_path=None, fold: bool = False) -> nn.Module:
@@ -50,3 +57,32 @@ def quant_step_hook(model: nn.Module, num_steps: int) -> Callable:
         set_timestep(model, step, num_steps)
 
     return on_step
+
+
+def int_model_info(model: nn.Module) -> dict:
+    """The STDiT facts recorded in (and checked against) an integer-weights file: its constructor config
+    without dtype and kernel switches."""
+    return {key: model.config[key] for key in _MODEL_INFO_KEYS}
+
+
+def export_int_weights(model: nn.Module, qconfig: QuantConfig, quant_params_path, out_path, overwrite: bool = False) -> Path:
+    """Stage 6: quantize the FP `model` (float32) with a calibration run's params and write its integer weights.
+
+    Raises `qdiff.api.QuantParamsError` for params of another model/config, `qdiff.lowbit.IntExportError` for
+    layers without an integer form (folded params, W-only layers, group-wise weights, several timestep ranges).
+    """
+    from qdiff.lowbit import export_int_model
+
+    build_quant_model(model, qconfig, quant_params_path)
+    return export_int_model(model, out_path, qconfig, int_model_info(model), overwrite=overwrite)
+
+
+def build_int_model(model: nn.Module, int_weights_path, qconfig: QuantConfig | None = None, backend: str = "auto") -> nn.Module:
+    """Swap the FP STDiT's quantized linears (in place) for IntLinear layers from a stage-6 file; returns the model.
+
+    Raises `qdiff.lowbit.IntWeightsError` (listing the differences) for a file of another model or config.
+    backend: 'auto' (Triton kernels on CUDA, torch integer ops elsewhere), 'torch' or 'triton'.
+    """
+    from qdiff.lowbit import load_int_model
+
+    return load_int_model(model, int_weights_path, qconfig, int_model_info(model), backend=backend)

@@ -6,6 +6,10 @@
 
 The calibration folder holds `quant_config.yaml` (the resolved quant config) and `quant_params.safetensors`.
 Videos get stage 2's names and seeds, so `t2v.scripts.compare_videos` can compare them with the FP run.
+
+With --hardware the model runs real low-bit kernels instead of the fake-quant simulation: integer weights from
+stage 6 (`t2v.scripts.export_int`, default <calib_dir>/int_weights.safetensors) are loaded into IntLinear layers
+(Triton int8 GEMMs on CUDA, torch integer ops on CPU); videos go to <calib_dir>/videos_hardware by default.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from t2v.scripts._common import add_common_args, fail, resolve_run, setup_loggin
 
 QUANT_CONFIG_NAME = "quant_config.yaml"
 QUANT_PARAMS_NAME = "quant_params.safetensors"
+INT_WEIGHTS_NAME = "int_weights.safetensors"  # t2v.pipeline.quant_model.INT_WEIGHTS_NAME (kept import-free here)
 
 
 def parse_args(argv=None):
@@ -27,14 +32,30 @@ def parse_args(argv=None):
     p.add_argument("--quant_config", default=None, help=f"quant YAML (default: <calib_dir>/{QUANT_CONFIG_NAME})")
     p.add_argument("--quant_params", default=None, help=f"quant params (default: <calib_dir>/{QUANT_PARAMS_NAME})")
     p.add_argument("--fold", action="store_true", help="fold the quantized weights once before sampling (faster)")
+    p.add_argument("--hardware", action="store_true",
+                   help="run real integer kernels with the stage-6 integer weights instead of fake quantization")
+    p.add_argument("--int_weights", default=None, help=f"stage-6 file (default: <calib_dir>/{INT_WEIGHTS_NAME}); "
+                                                       "implies --hardware")
+    p.add_argument("--int_backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="--hardware kernels: auto = Triton on CUDA, torch integer ops elsewhere")
     args = p.parse_args(argv)
-    if args.calib_dir is None and (args.quant_config is None or args.quant_params is None):
-        p.error("pass --calib_dir, or both --quant_config and --quant_params")
+    args.hardware = args.hardware or args.int_weights is not None
+    if args.hardware and args.fold:
+        p.error("--fold applies to the fake-quant model; --hardware weights are integer already")
     calib_dir = Path(args.calib_dir) if args.calib_dir else None
+    if args.hardware:
+        if calib_dir is None and (args.quant_config is None or args.int_weights is None):
+            p.error("--hardware: pass --calib_dir, or both --quant_config and --int_weights")
+        args.int_weights = args.int_weights or str(calib_dir / INT_WEIGHTS_NAME)
+        base = calib_dir or Path(args.int_weights).parent
+    else:
+        if calib_dir is None and (args.quant_config is None or args.quant_params is None):
+            p.error("pass --calib_dir, or both --quant_config and --quant_params")
+        args.quant_params = args.quant_params or str(calib_dir / QUANT_PARAMS_NAME)
+        base = calib_dir or Path(args.quant_params).parent
     args.quant_config = args.quant_config or str(calib_dir / QUANT_CONFIG_NAME)
-    args.quant_params = args.quant_params or str(calib_dir / QUANT_PARAMS_NAME)
     if args.outdir is None:
-        args.outdir = str((calib_dir or Path(args.quant_params).parent) / "videos")
+        args.outdir = str(base / ("videos_hardware" if args.hardware else "videos"))
     return args
 
 
@@ -43,16 +64,23 @@ def main(argv=None) -> int:
     setup_logging()
     from qdiff.api import read_quant_params_header
     from qdiff.config import QuantConfig
-    from t2v.pipeline.quant_model import build_quant_model, quant_step_hook
+    from qdiff.lowbit import read_int_header
+    from t2v.pipeline.quant_model import build_int_model, build_quant_model, quant_step_hook
     from t2v.pipeline.sample import build_pipeline, generate_videos
 
     try:
         run = resolve_run(args)
         qconfig = QuantConfig.from_yaml(args.quant_config)
-        read_quant_params_header(args.quant_params)  # fail before the (slow) model build
+        if args.hardware:  # fail before the (slow) model build
+            read_int_header(args.int_weights)
+        else:
+            read_quant_params_header(args.quant_params)
         pipe = build_pipeline(run.cfg, ckpt_path=args.ckpt_path, precomputed_text_embeds=args.precompute_text_embeds,
                               device=run.device, num_sampling_steps=args.num_sampling_steps)
-        build_quant_model(pipe.model, qconfig, args.quant_params, fold=args.fold)
+        if args.hardware:
+            build_int_model(pipe.model, args.int_weights, qconfig, backend=args.int_backend)
+        else:
+            build_quant_model(pipe.model, qconfig, args.quant_params, fold=args.fold)
         on_step = quant_step_hook(pipe.model, pipe.sampler.num_sampling_steps)
         paths = generate_videos(pipe, run.prompts, run.outdir, seed=run.cfg.seed, prompt_indices=run.indices,
                                 progress=run.is_main, overwrite=args.overwrite, on_step=on_step)

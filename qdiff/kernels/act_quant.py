@@ -1,0 +1,242 @@
+"""Dynamic per-token activation quantization to integer codes (the input side of an integer GEMM).
+
+For each row x[m, :] of x [M, K] (after the optional smoothing division x / s, rounded to x's dtype as an
+eager `x / s` is), with b bits and the code convention of `qdiff.lowbit.pack`:
+  affine, dynamic    lo = min(min_k x, 0), hi = max(max_k x, 0), Δ = max((hi − lo)/(2^b − 1), 1e-6),
+                     z = round(−lo/Δ), q = clamp(round(x/Δ) + z, 0, 2^b − 1)
+  symmetric, dynamic Δ = max(max(−lo, hi)/(2^(b−1) − 1), 1e-6), z = 0, q = clamp(round(x/Δ), −2^(b−1), 2^(b−1) − 1)
+  static             Δ and z given (one calibrated range per tensor), q as above
+  code c = q − 2^(b−1) (affine) or q (symmetric), zero code z_c = z − 2^(b−1) or 0, stored as int8.
+This is exactly the grid of `DynamicActQuantizer` / `fake_quant_per_token` (float32 math, IEEE division,
+round half to even), so (c − z_c)·Δ equals their x̂ bit for bit. A6 codes live in int8 on the 6-bit grid.
+Also returned, for the GEMM epilogue: the code row sums Σ_k c[m, k] (asymmetric-weight correction) and,
+for TQE's post-quantizer term, proj[m, j] = f_m · Σ_k x̂[m, k]·A_out[j, k] with the optional per-row factor
+f_m = frame_factor[m mod T] (temporal layers: 1 + m_t).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+MIN_DELTA = 1e-6  # the activation quantizers' per-row floor on Δ
+
+
+class ActCodes(NamedTuple):
+    """A quantized activation matrix.
+
+    codes [M, K] int8 · scale Δ [M] float32 · zero z_c [M] int32 · rowsum [M] int32 ·
+    proj [M, r] float32 or None (TQE post term projection, frame factor applied).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    rowsum: torch.Tensor
+    proj: torch.Tensor | None
+
+
+def grid(bits: int, symmetric: bool) -> tuple[int, int, int]:
+    """(q_min, q_max, code offset) of a `bits` activation grid."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits: expected 2..8, got {bits}")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, 0
+    return 0, 2**bits - 1, 2 ** (bits - 1)
+
+
+def smooth_input(x: torch.Tensor, smooth_scale: torch.Tensor | None) -> torch.Tensor:
+    """x / s in x's dtype, as `QuantLinear` balances its input. x [..., K], s [K] -> [..., K]."""
+    return x if smooth_scale is None else x / smooth_scale.to(x.dtype)
+
+
+def quantize_per_token_reference(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    smooth_scale: torch.Tensor | None = None,
+    static: tuple[float, float] | None = None,
+    post_a: torch.Tensor | None = None,
+    frame_factor: torch.Tensor | None = None,
+) -> ActCodes:
+    """The pure-PyTorch definition. x [M, K] (float dtypes) -> ActCodes (see the module docstring).
+
+    smooth_scale: s [K] or None. static: (Δ, z) of a static per-tensor quantizer, or None (dynamic).
+    post_a: A_out [r, K] or None. frame_factor: [T] float32 or None (row m uses frame_factor[m mod T]).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_per_token: expected x [M, K], got {tuple(x.shape)}")
+    q_min, q_max, offset = grid(bits, symmetric)
+    x32 = smooth_input(x, smooth_scale).float()
+    if static is not None:
+        delta = torch.full((x.shape[0], 1), float(static[0]), dtype=torch.float32, device=x.device)
+        zero = torch.full_like(delta, float(static[1]))
+    else:
+        lo = x32.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        hi = x32.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        if symmetric:
+            delta = (torch.maximum(-lo, hi) / q_max).clamp(min=MIN_DELTA)
+            zero = torch.zeros_like(delta)
+        else:
+            delta = ((hi - lo) / q_max).clamp(min=MIN_DELTA)
+            zero = torch.round(-lo / delta)
+    q = torch.clamp(torch.round(x32 / delta) + zero, q_min, q_max)
+    codes = (q - offset).to(torch.int8)
+    zero_code = (zero - offset).to(torch.int32)
+    proj = None
+    if post_a is not None and post_a.shape[0] > 0:
+        dequant = (q - zero) * delta  # x̂ [M, K], exactly the fake quantizer's output
+        proj = dequant @ post_a.float().t()  # [M, r]
+        if frame_factor is not None:
+            rows = torch.arange(x.shape[0], device=x.device) % frame_factor.shape[0]
+            proj = proj * frame_factor.float()[rows][:, None]
+    return ActCodes(codes, delta[:, 0].contiguous(), zero_code[:, 0].contiguous(),
+                    codes.sum(dim=1, dtype=torch.int32), proj)
+
+
+def project_codes_reference(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """TQE projection from existing codes: proj[m, j] = f_m · Σ_k (c[m, k] − z_c[m])·Δ[m]·A_out[j, k] -> [M, r] f32.
+
+    The same values as the `proj` that `quantize_per_token` computes in its pass (up to summation order); used
+    when several layers share one quantized input (each has its own A_out).
+    """
+    dequant = (act.codes.float() - act.zero.float()[:, None]) * act.scale[:, None]  # x̂ [M, K]
+    proj = dequant @ post_a.float().t()
+    if frame_factor is not None:
+        rows = torch.arange(act.codes.shape[0], device=proj.device) % frame_factor.shape[0]
+        proj = proj * frame_factor.float()[rows][:, None]
+    return proj
+
+
+# ------------------------------------------------------------------------------------------ Triton
+def interpret_mode() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): kernels take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_module():
+    """The kernel module, imported on first use; refuses a module built for the other Triton mode."""
+    from qdiff.kernels import triton_act_quant
+
+    if triton_act_quant.INTERPRETED != interpret_mode():
+        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
+    return triton_act_quant
+
+
+def quantize_per_token_triton(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    smooth_scale: torch.Tensor | None = None,
+    static: tuple[float, float] | None = None,
+    post_a: torch.Tensor | None = None,
+    frame_factor: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> ActCodes:
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
+
+    config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter always needs one).
+    """
+    import triton
+
+    if x.dim() != 2:
+        raise ValueError(f"quantize_per_token: expected x [M, K], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"quantize_per_token: unsupported dtype {x.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q_min, q_max, offset = grid(bits, symmetric)
+    rows, cols = x.shape
+    device = x.device
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    scale = torch.empty(rows, dtype=torch.float32, device=device)
+    zero = torch.empty(rows, dtype=torch.int32, device=device)
+    rowsum = torch.empty(rows, dtype=torch.int32, device=device)
+    rank = 0 if post_a is None else post_a.shape[0]
+    if rank:
+        if post_a.shape[1] != cols:
+            raise ValueError(f"post_a: expected [r, {cols}], got {tuple(post_a.shape)}")
+        post_a = post_a.float().contiguous()
+        proj = torch.empty(rows, rank, dtype=torch.float32, device=device)
+    else:
+        post_a = proj = scale  # unused pointers
+    smooth = None
+    if smooth_scale is not None:
+        if smooth_scale.shape != (cols,):
+            raise ValueError(f"smooth_scale: expected [{cols}], got {tuple(smooth_scale.shape)}")
+        smooth = smooth_scale.to(x.dtype).contiguous()
+    frames = None if frame_factor is None else frame_factor.float().contiguous()
+    if rows == 0:
+        return ActCodes(codes, scale, zero, rowsum, proj if rank else None)
+    args = (x, smooth if smooth is not None else x, codes, scale, zero, rowsum, post_a, proj,
+            frames if frames is not None else scale, rows, cols, x.stride(0), codes.stride(0),
+            0 if frames is None else frames.shape[0],
+            float(static[0]) if static else 0.0, float(static[1]) if static else 0.0,
+            float(q_min), float(q_max), float(offset), MIN_DELTA)
+    flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=rank,
+                 R_PAD=max(1, triton.next_power_of_2(max(rank, 1))), FRAMES=frames is not None and rank > 0)
+    kernels = _triton_module()
+    if config is None and not interpret_mode():
+        kernels.act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
+    else:
+        block_rows, block_k, warps = config or (16, 64, 4)
+        kernels.act_quant_kernel[(triton.cdiv(rows, block_rows),)](*args, **flags, ONE_CHUNK=cols <= block_k,
+                                                                    ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+    return ActCodes(codes, scale, zero, rowsum, proj if rank else None)
+
+
+def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None,
+                         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The Triton kernel of `project_codes_reference` (reads the int8 codes once). config: (ROWS, BLOCK_K, warps)."""
+    import triton
+
+    codes = act.codes
+    rows, cols = codes.shape
+    rank = post_a.shape[0]
+    if post_a.shape != (rank, cols) or rank == 0:
+        raise ValueError(f"post_a: expected [r >= 1, {cols}], got {tuple(post_a.shape)}")
+    post_a = post_a.float().contiguous()
+    proj = torch.empty(rows, rank, dtype=torch.float32, device=codes.device)
+    if rows == 0:
+        return proj
+    frames = None if frame_factor is None else frame_factor.float().contiguous()
+    args = (codes, act.scale, act.zero, post_a, proj, frames if frames is not None else act.scale, rows, cols,
+            codes.stride(0), 0 if frames is None else frames.shape[0])
+    flags = dict(R_OUT=rank, R_PAD=triton.next_power_of_2(rank), FRAMES=frames is not None)
+    kernels = _triton_module()
+    if config is None and not interpret_mode():
+        kernels.codes_projection_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
+    else:
+        block_rows, block_k, warps = config or (16, 64, 4)
+        kernels.codes_projection_kernel[(triton.cdiv(rows, block_rows),)](*args, **flags, ROWS=block_rows,
+                                                                          BLOCK_K=block_k, num_warps=warps)
+    return proj
+
+
+def project_codes(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """Dispatch of the TQE projection from codes: Triton on CUDA (backend 'auto'/'triton'), else the reference."""
+    use_triton = backend == "triton" or (backend == "auto" and act.codes.is_cuda and triton_available(act.codes.device))
+    return (project_codes_triton if use_triton else project_codes_reference)(act, post_a, frame_factor)
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """True when the Triton kernels can run on `device` (CUDA with an importable Triton)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        _triton_module()
+    except Exception:  # no triton, or one that cannot build here
+        return False
+    return True
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, smooth_scale=None, static=None,
+                       post_a=None, frame_factor=None, backend: str = "auto") -> ActCodes:
+    """Dispatch: the Triton kernel on CUDA (backend 'auto' or 'triton'), the reference otherwise."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
+    fn = quantize_per_token_triton if use_triton else quantize_per_token_reference
+    return fn(x, bits, symmetric, smooth_scale, static, post_a, frame_factor)

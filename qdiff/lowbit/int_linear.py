@@ -1,0 +1,318 @@
+"""IntLinear: the inference layer of a calibrated QuantLinear with integer weights and an integer GEMM.
+
+For x [..., K] (temporal layers: [B·S, T, K], one row per frame), with the notation of QuantLinear:
+  x' = (x / s) · H                                  smoothing / rotation, in x's dtype, as QuantLinear does
+  (X, s_x, z_x) = per-token codes of x'             `qdiff.kernels.act_quant` (A6: int8 codes on the 6-bit grid)
+  y = s_x·s_w·(X − z_x)(W − z_w)ᵀ + bias + f_m·(x̂ · A_outᵀ)·B_outᵀ      `qdiff.kernels.int_gemm`
+where W are the weight codes of Q_w(W' + B·A) (the pre-quantizer TQE term is folded into W before quantizing)
+and f_m = 1 + m_t on temporal layers (the post term sits once in W_eff and once more scaled by m_t), 1 elsewhere.
+The output equals QuantLinear's fake-quant output up to float32 summation order, in x's dtype.
+
+On CUDA the two steps run as Triton kernels; elsewhere (and with backend='torch') as their PyTorch references.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from qdiff.kernels.act_quant import ActCodes, project_codes, quantize_per_token, smooth_input
+from qdiff.kernels.act_quant import grid as act_grid
+from qdiff.kernels.int_gemm import MAX_K, int_gemm
+from qdiff.lowbit.pack import code_offset, container_for, pack_codes, unpack_codes
+from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, quant_range
+
+ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+BACKENDS = ("auto", "torch", "triton")
+
+
+class IntExportError(ValueError):
+    """A QuantLinear cannot be turned into integer form; the message says why and what to do."""
+
+
+class SharedInputQuant:
+    """One-entry memo of per-token activation codes, shared by the IntLinear layers of one model.
+
+    Sibling layers that read the same input tensor with the same activation grid and no balancing (q, k and v
+    of an attention) quantize it once; each then forms its own TQE projection from the codes. The entry is keyed
+    by the input's identity (a weak reference), its version counter (bumped by in-place writes) and the grid,
+    so a different or modified tensor is never served stale codes. A deep copy starts empty.
+    """
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value: ActCodes | None = None
+        self.hits = 0
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        if x.is_inference():  # inference-mode tensors track no version: never memoised
+            return None
+        return x._version
+
+    def lookup(self, x: torch.Tensor, signature: tuple) -> ActCodes | None:
+        version = self._version(x)
+        if version is not None and self.key is not None and self.key[0]() is x and self.key[1:] == (version, signature):
+            self.hits += 1
+            return self.value
+        return None
+
+    def store(self, x: torch.Tensor, signature: tuple, value: ActCodes) -> None:
+        version = self._version(x)
+        if version is None:
+            self.key, self.value = None, None
+        else:
+            self.key, self.value = (weakref.ref(x), version, signature), value
+
+    def __deepcopy__(self, memo):
+        return SharedInputQuant()
+
+
+class IntLinear(nn.Module):
+    """Linear layer with integer weight codes and per-token integer activations (see the module docstring).
+
+    Args:
+        in_features, out_features: K, N.
+        w_bits, a_bits: 2..8. Weights of ≤ 4 bits are stored two per byte ("int4x2"), others as int8.
+        w_symmetric, a_symmetric: signed grids without zero points.
+        act_mode: "dynamic_per_token" (ranges per token row at run time) or "static_per_tensor" (calibrated Δ, z).
+        bias: whether the layer has a bias.
+        num_frames: T for temporal layers (x [B·S, T, K]); with rank_out > 0 they carry a per-frame factor.
+        rank_out: rank r of TQE's post-quantizer term (0 = none).
+        smooth: whether a smoothing scale s [K] divides the input.
+        rotation: whether an orthonormal H [K, K] rotates the input.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Buffers (persistent unless noted): qweight int8 [N, K] or uint8 [N, ⌈K/2⌉]; w_scale f32 [N];
+    w_zero int32 [N] (affine weights); bias f32 [N]; smooth_scale f32 [K]; post_a f32 [r, K]; post_b f32 [N, r];
+    frame_scale f32 [T] (m_t); act_static f32 [2] = (Δ, z) for static activations; rotation f32 [K, K]
+    (non-persistent: files store each distinct rotation once); w_colsum int32 [N] (non-persistent, derived).
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int, *, w_symmetric: bool = False,
+                 a_symmetric: bool = False, act_mode: str = "dynamic_per_token", bias: bool = True,
+                 num_frames: int | None = None, rank_out: int = 0, smooth: bool = False, rotation: bool = False,
+                 backend: str = "auto", device=None):
+        super().__init__()
+        if act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode: expected one of {list(ACT_MODES)}, got {act_mode!r}")
+        if in_features > MAX_K:
+            raise ValueError(f"in_features={in_features} exceeds {MAX_K}: the int32 accumulator could overflow")
+        container = container_for(w_bits)
+        act_grid(a_bits, a_symmetric)  # validates a_bits
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.w_symmetric, self.a_symmetric, self.act_mode = w_symmetric, a_symmetric, act_mode
+        self.num_frames, self.rank_out = num_frames, rank_out
+        self.container = container
+        self.backend = backend
+        factory = dict(device=device)
+        width = (in_features + 1) // 2 if container == "int4x2" else in_features
+        dtype = torch.uint8 if container == "int4x2" else torch.int8
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=dtype, **factory))
+        self.register_buffer("w_scale", torch.ones(out_features, **factory))
+        self.register_buffer("w_zero", None if w_symmetric else torch.zeros(out_features, dtype=torch.int32, **factory))
+        self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
+        self.register_buffer("smooth_scale", torch.ones(in_features, **factory) if smooth else None)
+        self.register_buffer("post_a", torch.zeros(rank_out, in_features, **factory) if rank_out else None)
+        self.register_buffer("post_b", torch.zeros(out_features, rank_out, **factory) if rank_out else None)
+        use_frames = num_frames is not None and rank_out > 0
+        self.register_buffer("frame_scale", torch.zeros(num_frames, **factory) if use_frames else None)
+        self.register_buffer("act_static", torch.tensor([1.0, 0.0], **factory) if act_mode == "static_per_tensor" else None)
+        self.register_buffer("rotation", torch.eye(in_features, **factory) if rotation else None, persistent=False)
+        self.register_buffer("w_colsum", None, persistent=False)
+        self._static_values: tuple[float, float] | None = None
+        self.input_memo: SharedInputQuant | None = None  # set by convert_to_int / load_int_model
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linear(cls, layer, backend: str = "auto") -> "IntLinear":
+        """Integer form of a calibrated, unfolded QuantLinear (its timestep range 0; R = 1 is required).
+
+        Weight codes: q = clamp(round((W' + B·A)/Δ) + z) on exactly the fake quantizer's grid (checked: the
+        dequantized codes must equal the fake quantizer's output bit for bit, else RuntimeError).
+        Raises IntExportError for layers the integer path does not cover (named in the message).
+        """
+        _check_exportable(layer)
+        wq, act = layer.weight_quantizer, layer.act_quantizer
+        w_cfg = wq.cfg
+        static = isinstance(act, StaticActQuantizer)
+        rotation = layer._rotation()
+        smooth = layer._smooth_scale(0)
+        int_layer = cls(
+            layer.in_features, layer.out_features, w_cfg.bits, act.cfg.bits, w_symmetric=w_cfg.symmetric,
+            a_symmetric=act.cfg.symmetric, act_mode=act.cfg.mode, bias=layer.bias is not None,
+            num_frames=layer.num_frames if layer.frame_scale is not None else None,
+            rank_out=0 if layer.lora_a_out is None else layer.lora_a_out.shape[0],
+            smooth=smooth is not None, rotation=rotation is not None, backend=backend,
+            device=layer.act_absmax.device,
+        )
+        # weight codes of Q_w(W' + B·A), computed as WeightQuantizer.forward computes them
+        weight = layer.balanced_weight(0)
+        if layer.lora_a is not None:
+            weight = weight + layer.lora_b @ layer.lora_a
+        delta, zero = wq.delta[0].reshape(-1, 1).float(), wq.zero_point[0].reshape(-1, 1).float()  # [N, 1]
+        q_min, q_max = quant_range(w_cfg.bits, w_cfg.symmetric)
+        scaled = torch.round(weight / delta)
+        q = torch.clamp(scaled if w_cfg.symmetric else scaled + zero, q_min, q_max)
+        dequant = q * delta if w_cfg.symmetric else (q - zero) * delta
+        fake = wq(weight, 0)
+        if not torch.equal(dequant, fake):
+            raise RuntimeError(f"integer weights do not reproduce the fake quantizer (max diff "
+                               f"{(dequant - fake).abs().max().item():.3g}); report this as a bug")
+        offset = code_offset(w_cfg.bits, w_cfg.symmetric)
+        codes = (q - offset).to(torch.int16)
+        int_layer.qweight.copy_(pack_codes(codes, w_cfg.bits))
+        int_layer.w_scale.copy_(delta[:, 0])
+        if not w_cfg.symmetric:
+            int_layer.w_zero.copy_((zero[:, 0] - offset).to(torch.int32))
+        if layer.bias is not None:
+            int_layer.bias.copy_(layer.bias.float())
+        if smooth is not None:
+            int_layer.smooth_scale.copy_(smooth)
+        if rotation is not None:
+            int_layer.rotation.copy_(rotation)
+        if int_layer.rank_out:
+            int_layer.post_a.copy_(layer.lora_a_out.float())
+            int_layer.post_b.copy_(layer.lora_b_out.float())
+        if int_layer.frame_scale is not None:
+            int_layer.frame_scale.copy_(layer.frame_scale.float().reshape(-1))
+        if static:
+            int_layer.act_static.copy_(torch.tensor(_static_range(act), device=int_layer.act_static.device))
+        return int_layer
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves only: the kernels need float32 scales whatever dtype the model is cast to
+        # (model.to(torch.bfloat16) must not round s_w, the bias or the TQE terms to bfloat16).
+        target = fn(torch.zeros((), device=self.qweight.device)).device
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.device != target:
+                self._buffers[name] = buffer.to(target)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.w_colsum = None  # derived from qweight: recomputed at the next forward
+        self._static_values = None
+
+    # ------------------------------------------------------------------------------ forward
+    def weight_codes(self) -> torch.Tensor:
+        """Signed weight codes int8 [N, K] (unpacked from the container)."""
+        return unpack_codes(self.qweight, self.w_bits, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(W − z_w)·s_w in float32 [N, K]: the integer part of the fake-quant W_eff (post term excluded)."""
+        codes = self.weight_codes().float()
+        if self.w_zero is not None:
+            codes = codes - self.w_zero.float()[:, None]
+        return codes * self.w_scale[:, None]
+
+    def _prepare(self) -> None:
+        if self.w_colsum is None or self.w_colsum.device != self.qweight.device:
+            self.w_colsum = self.weight_codes().sum(dim=1, dtype=torch.int32)
+        if self.act_static is not None and self._static_values is None:
+            self._static_values = (float(self.act_static[0]), float(self.act_static[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] (temporal layers: [B·S, T, K]) -> y [..., N] in x's dtype."""
+        if self.frame_scale is not None and (x.dim() < 2 or x.shape[-2] != self.num_frames):
+            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        self._prepare()
+        leading = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        smooth = self.smooth_scale
+        if self.rotation is not None:  # (x / s) · H in x's dtype, as QuantLinear balances
+            x2 = smooth_input(x2, smooth) @ self.rotation.to(x.dtype)
+            smooth = None
+        frame_factor = None if self.frame_scale is None else 1.0 + self.frame_scale
+        memo = self.input_memo if self.smooth_scale is None and self.rotation is None else None
+        if memo is None:  # quantization and the TQE projection in one pass
+            act = quantize_per_token(x2, self.a_bits, self.a_symmetric, smooth_scale=smooth, static=self._static_values,
+                                     post_a=self.post_a, frame_factor=frame_factor, backend=self.backend)
+            proj = act.proj
+        else:  # codes shared with sibling layers reading the same x; the projection is this layer's own
+            signature = (self.in_features, self.a_bits, self.a_symmetric, self._static_values)
+            act = memo.lookup(x, signature)
+            if act is None:
+                act = quantize_per_token(x2, self.a_bits, self.a_symmetric, static=self._static_values,
+                                         backend=self.backend)
+                memo.store(x, signature, act)
+            proj = None if self.post_a is None else project_codes(act, self.post_a, frame_factor, backend=self.backend)
+        y = int_gemm(act.codes, act.scale, None if self.a_symmetric else act.zero,
+                     act.rowsum if self.w_zero is not None else None, self.qweight, self.w_scale, self.w_zero,
+                     self.w_colsum, bias=self.bias, proj=proj, post_b=self.post_b, out_dtype=x.dtype,
+                     k=self.in_features if self.container == "int4x2" else None, backend=self.backend)
+        return y.reshape(*leading, self.out_features)
+
+    # ------------------------------------------------------------------------------ reporting
+    def layer_info(self) -> dict:
+        """JSON-able description (the export header's per-layer entry, rotation filled in by the exporter)."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features,
+            "w_bits": self.w_bits, "a_bits": self.a_bits, "w_symmetric": self.w_symmetric,
+            "a_symmetric": self.a_symmetric, "act_mode": self.act_mode, "container": self.container,
+            "w_granularity": "per_channel",
+            "a_granularity": "per_token" if self.act_mode == "dynamic_per_token" else "per_tensor",
+            "bias": self.bias is not None, "num_frames": self.num_frames if self.frame_scale is not None else None,
+            "rank_out": self.rank_out, "smooth": self.smooth_scale is not None,
+        }
+
+    def weight_bytes(self) -> int:
+        """Bytes of every persistent tensor of the layer (codes, scales, zero points, bias, TQE, balancing)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"w_bits={self.w_bits} ({self.container})", f"a_bits={self.a_bits} ({self.act_mode})",
+                 f"bias={self.bias is not None}"]
+        if self.rank_out:
+            parts.append(f"rank_out={self.rank_out}")
+        if self.frame_scale is not None:
+            parts.append(f"num_frames={self.num_frames}")
+        if self.smooth_scale is not None:
+            parts.append("smooth")
+        if self.rotation is not None:
+            parts.append("rotation")
+        return ", ".join(parts)
+
+
+def _static_range(quantizer: StaticActQuantizer) -> tuple[float, float]:
+    """(Δ, z) of range 0 of a calibrated static quantizer, computed as its forward computes them."""
+    x_min, x_max = quantizer.x_min[0], quantizer.x_max[0]
+    q_min, q_max = quant_range(quantizer.cfg.bits, quantizer.cfg.symmetric)
+    if quantizer.cfg.symmetric:
+        delta = (torch.maximum(-x_min, x_max) / q_max).clamp(min=1e-6)
+        zero = torch.zeros_like(delta)
+    else:
+        delta = ((x_max - x_min) / q_max).clamp(min=1e-6)
+        zero = torch.round(-x_min / delta)
+    return float(delta), float(zero)
+
+
+def _check_exportable(layer) -> None:
+    """Raise IntExportError naming what keeps `layer` off the integer path."""
+    if layer.folded_weight is not None:
+        raise IntExportError("the layer is folded (fold_model): integer export needs the unfolded calibrated model "
+                             "(load the quant params without --fold)")
+    if layer.weight_quantizer is None or layer.act_quantizer is None:
+        missing = "weights" if layer.weight_quantizer is None else "activations"
+        raise IntExportError(f"its {missing} stay in floating point: the integer path needs both sides quantized "
+                             "(put the layer in fp_layers to keep it nn.Linear)")
+    if layer.num_ranges != 1:
+        raise IntExportError(f"it has {layer.num_ranges} timestep ranges: integer export supports calib.timestep_ranges = 1")
+    w_cfg = layer.weight_quantizer.cfg
+    if w_cfg.group_size not in (None, layer.in_features):
+        raise IntExportError(f"weight.group_size={w_cfg.group_size}: the integer kernels support per-channel weights only")
+    if not bool(layer.weight_quantizer.initialized[0]):
+        raise IntExportError("its weight quantizer was never initialised (load calibrated quant params first)")
+    act = layer.act_quantizer
+    if isinstance(act, DynamicActQuantizer) and act.cfg.reference_token_grouping:
+        raise IntExportError("act.reference_token_grouping shares ranges across the batch (a parity switch); "
+                             "the kernels quantize each token row on its own")
+    if isinstance(act, StaticActQuantizer) and not bool(act.observed[0]):
+        raise IntExportError("its static activation range was never calibrated")
+    if not isinstance(act, (DynamicActQuantizer, StaticActQuantizer)):
+        raise IntExportError(f"unsupported activation quantizer {type(act).__name__}")
