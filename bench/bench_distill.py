@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_fakequant_step import build_model  # noqa: E402
+from bench.common import build_model, environment, print_and_save  # noqa: E402
 
 
 def make_batches(batch_size: int, device: str):
@@ -123,12 +122,8 @@ def main(argv=None) -> int:
         print(name, json.dumps(res), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    results.update(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-                   date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(results, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    results.update(environment())
+    print_and_save(results, args.out)
     return 0
 
 

@@ -17,9 +17,6 @@ Prints a table and writes JSON to --out. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,47 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def cuda_time(fn, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def build_model(dtype):
-    from t2v.models.stdit import STDiT_XL_2
-
-    with torch.device("meta"):
-        model = STDiT_XL_2(input_size=(16, 64, 64))
-    model = model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
-        model.y_embedder.y_embedding.normal_(0, 0.02, generator=gen)
-        model.pos_embed.copy_(model.spatial_pos_embed())
-        model.pos_embed_temporal.copy_(model.temporal_pos_embed())
-    return model.to(dtype).eval()
-
-
-def inputs(dtype, batch=2):
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(batch, 4, 16, 64, 64, device="cuda", generator=gen, dtype=torch.float32).to(dtype)
-    t = torch.tensor([999, 999][:batch], device="cuda")
-    y = (torch.randn(batch, 1, 120, 4096, device="cuda", generator=gen) * 0.1).to(dtype)
-    mask = torch.ones(batch, 120, dtype=torch.long, device="cuda")
-    mask[:, 40:] = 0  # a typical prompt: 40 valid tokens
-    return x, t, y, mask
+from bench.common import build_model, cuda_time, environment, inputs, print_and_save  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -162,14 +119,8 @@ def main(argv=None) -> int:
     for key in ("w4a8_tqe_ms", "w4a8_tqe_eager_weight_ms", "w4a8_tqe_no_shared_input_ms", "w4a8_tqe_eager_act_ms",
                 "w4a8_folded_ms"):
         results[key.replace("_ms", "_over_bf16")] = results[key] / results["bf16_ms"]
-    results["device"] = torch.cuda.get_device_name()
-    results["torch"] = torch.__version__
-    results["python"] = platform.python_version()
-    results["date"] = time.strftime("%Y-%m-%d")
-    print(json.dumps(results, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    results.update(environment())
+    print_and_save(results, args.out)
     return 0
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.bench_fakequant_step import build_model, cuda_time, inputs  # noqa: E402
+from bench.common import build_model, cuda_time, environment, inputs  # noqa: E402
 
 TOKENS = 2 * 16 * 1024  # CFG batch 2 · 16 frames · 1024 patches
 TEXT_TOKENS = 2 * 40  # packed valid text tokens of the two samples (inputs(): 40 valid of 120)
@@ -306,7 +306,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_int_step needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
+    if importlib.util.find_spec("triton") is None:
+        print("bench_int_step needs triton (pip install triton)", file=sys.stderr)
+        return 2
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,9 +324,7 @@ def main(argv=None) -> int:
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.lowbit import convert_to_int
 
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                     "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "steps": {},
-                     "breakdown": {}, "numerics": {}, "errors": []}
+    results: dict = {**environment(), "steps": {}, "breakdown": {}, "numerics": {}, "errors": []}
 
     def save() -> None:
         clean = json.loads(json.dumps(results, default=str))

@@ -13,7 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.bench_fakequant_step import build_model, cuda_time, inputs  # noqa: E402
+from bench.common import build_model, cuda_time, inputs  # noqa: E402
 
 
 def profile(fn, rows: int, title: str) -> None:

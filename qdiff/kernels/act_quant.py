@@ -84,15 +84,10 @@ def quantize_per_token_reference(
     q = torch.clamp(torch.round(x32 / delta) + zero, q_min, q_max)
     codes = (q - offset).to(torch.int8)
     zero_code = (zero - offset).to(torch.int32)
-    proj = None
-    if post_a is not None and post_a.shape[0] > 0:
-        dequant = (q - zero) * delta  # x̂ [M, K], exactly the fake quantizer's output
-        proj = dequant @ post_a.float().t()  # [M, r]
-        if frame_factor is not None:
-            rows = torch.arange(x.shape[0], device=x.device) % frame_factor.shape[0]
-            proj = proj * frame_factor.float()[rows][:, None]
-    return ActCodes(codes, delta[:, 0].contiguous(), zero_code[:, 0].contiguous(),
-                    codes.sum(dim=1, dtype=torch.int32), proj)
+    act = ActCodes(codes, delta[:, 0].contiguous(), zero_code[:, 0].contiguous(), codes.sum(dim=1, dtype=torch.int32), None)
+    if post_a is None or post_a.shape[0] == 0:
+        return act
+    return act._replace(proj=project_codes_reference(act, post_a, frame_factor))
 
 
 def project_codes_reference(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,8 +5,9 @@ For each row x[i, :] of x [M, C] (asymmetric, b bits, q_max = 2^b − 1):
     Δ_i = max((hi − lo) / q_max, 1e-6),  z_i = round(−lo / Δ_i)
     x̂_ij = (clamp(round(x_ij / Δ_i) + z_i, 0, q_max) − z_i) · Δ_i
 Arithmetic in float32 whatever the input dtype; x̂ is returned in x's dtype. `round` is
-round-half-to-even, as torch.round, and the divisions are IEEE (`div_rn`), so the kernel equals the
-reference bit for bit. Rows per program, chunk width and warps are autotuned per row length.
+round-half-to-even, as torch.round, and the divisions are IEEE (`div_rn`): the kernel computes the
+reference's formula exactly (checked bit for bit under the Triton interpreter; on a GPU torch's own
+reference divides by q_max through a reciprocal, so the two may differ by one step on rare ties). Rows per program, chunk width and warps are autotuned per row length.
 Forward only: use the autograd-aware quantizer for training.
 """
 from __future__ import annotations
@@ -81,16 +82,6 @@ def _kernel():
     if triton is None:
         raise RuntimeError("the Triton kernels need the `triton` package (pip install triton)")
     return triton, fake_quant_rows_chunked
-
-
-def triton_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernel()
-    except Exception:  # no triton, or a triton that cannot compile here
-        return False
-    return True
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -27,13 +27,7 @@ def load_bench():
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is too small to gain from threads; on a shared CPU they make it many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def test_cli_says_how_to_install_vbench(tmp_path, capsys):
     assert "pip install vbench" in err and "VBENCH_CACHE_DIR" in err
 
 
-def test_cli_argument_errors():
+def test_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         eval_vbench.parse_args([])  # neither folders nor --bench_dir
     with pytest.raises(SystemExit):

@@ -20,13 +20,7 @@ W4A6 = ["calib.n_steps=5", "calib.n_prompts=2", "distill.lr=5e-4", "distill.lr_d
         "distill.checkpoint_every=10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is too small to gain from threads; a shared CI CPU makes them slower and noisier.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from t2v.pipeline.calib_data import capture_calib_data
 from t2v.pipeline.config import load_inference_config
@@ -16,16 +15,16 @@ SETS = ["--set", "calib.n_steps=3", "--set", "calib.n_prompts=1", "--set", "dist
         "--set", "distill.lr=5e-4", "--set", "distill.checkpoint_every=2"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     cfg = load_inference_config(TINY)
     pipe = build_pipeline(cfg, num_sampling_steps=3)
     outdir = tmp_path_factory.mktemp("calib_data")
     capture_calib_data(pipe, read_prompts(cfg.prompt_path)[:1], [0], outdir, seed=42, progress=False)
-    yield outdir
-    torch.set_num_threads(threads)
+    return outdir
 
 
 def run(calib_dir, outdir, *extra):
