@@ -1,17 +1,21 @@
 """Real low-bit inference on one STDiT-XL/2 step at 16x512x512 (CFG batch 2), side by side in one process:
-our bf16 model, the W8A8 and W4A8 integer models (IntLinear: Triton int8 GEMMs, qdiff.lowbit), and the bare bf16
-block stack of the anchor script (`anchor_block_stack.py`) at the same shapes. Random weights.
+our bf16 model, the W8A8 and W4A8 integer models (IntLinear: Triton int8 GEMMs, qdiff.lowbit) with fused producers
+(LayerNorm + modulate and GELU quantize inside one kernel, opt-in with `set_fusion`) and with fusion off (the
+default: eager LayerNorm, modulation and GELU, then a separate quantization pass per input), and the bare bf16 block stack of the
+anchor script (`anchor_block_stack.py`) at the same shapes. Random weights.
 
 Reported (markdown + JSON in --out):
   step        ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight bytes
   per GEMM    each distinct linear shape: our int kernels (W8A8, W4A8, and with their activation quantization)
-              in TOPS vs torch bf16 matmul and torch._int_mm at the same shape, measured in this run
-  breakdown   torch.profiler device time of one step: GEMMs / attention / activation quantization / the rest
+              in TOPS vs torch bf16 matmul and torch._int_mm at the same shape, measured in this run; the
+              quantization alone, and fused with its producer vs the eager producer followed by it
+  breakdown   torch.profiler device time of one step: GEMMs / attention / activation quantization (fused
+              producers included) / the rest
   numerics    relative L2 of the integer model vs the fake-quant model it came from (whole model, float32 without
-              TF32, W8A8 and W4A8), and of the bf16 integer model vs the float32 fake-quant model
+              TF32, W8A8 and W4A8), of the bf16 integer model vs the float32 fake-quant model, and fused vs unfused
 
-    python bench/bench_int_step.py --out logs/bench/int_step          # < 6 min on an H100, mostly Triton compile + autotune
-    python bench/bench_int_step.py --check --out logs/bench/int_check  # kernels vs torch int32 reference only
+    python bench/bench_int_step.py --out logs/bench/int_step          # < 8 min on an H100, mostly Triton compile + autotune
+    python bench/bench_int_step.py --check --out logs/bench/int_check  # = bench/check_int_kernels.py, saved as JSON
 Needs a CUDA GPU and triton. The anchor defaults to .devcarry/anchor_block_stack.py (a copy of
 ../shared/bench/anchor_block_stack.py); only its definitions run (the part before its `res = {}` line).
 """
@@ -160,6 +164,7 @@ def gemm_table(iters: int, warmup: int) -> list[dict]:
     """Per distinct linear shape: bf16 matmul, torch._int_mm, our W8/W4 GEMMs (int32 codes in, bf16 out, zero
     points and bias in the epilogue), and our activation quantization (bf16 in), all measured here."""
     from qdiff.kernels.act_quant import quantize_per_token_triton
+    from qdiff.kernels.fused_producers import GeluTanh, LayerNormModulate
     from qdiff.kernels.int_gemm import int_gemm_triton
     from qdiff.lowbit.pack import pack_int4
 
@@ -187,6 +192,13 @@ def gemm_table(iters: int, warmup: int) -> list[dict]:
         row["w4_gemm_ms"] = cuda_time(lambda: int_gemm_triton(act.codes, w=packed, w_zero=w4_zero, w_colsum=w4_colsum,
                                                               k=depth, **common), iters, warmup)
         row["act_quant_ms"] = cuda_time(lambda: quantize_per_token_triton(a_bf16, 8), iters, warmup)
+        if rows == TOKENS:  # the producer of this input: LayerNorm + modulate (K = C) or GELU (fc2, K = 4C)
+            shift, scale = (torch.randn(2, depth, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            producer = LayerNormModulate(shift, scale, rows // 2) if depth == HIDDEN else GeluTanh()
+            row["fused_producer_ms"] = cuda_time(lambda: quantize_per_token_triton(a_bf16, 8, producer=producer),
+                                                 iters, warmup)
+            row["eager_producer_ms"] = cuda_time(lambda: quantize_per_token_triton(producer.apply(a_bf16), 8),
+                                                 iters, warmup)
         for key in ("bf16", "int_mm", "w8_gemm", "w4_gemm"):
             if f"{key}_ms" in row:
                 row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
@@ -203,47 +215,14 @@ def gemm_table(iters: int, warmup: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ --check
 def kernel_check() -> dict:
-    """Triton kernels vs the torch int32 references on ragged shapes (exact int32 / exact codes)."""
-    from qdiff.kernels.act_quant import quantize_per_token_reference, quantize_per_token_triton
-    from qdiff.kernels.int_gemm import int_gemm_reference, int_gemm_triton
-    from qdiff.lowbit.pack import pack_int4
+    """Every kernel variant vs its reference (`bench/check_int_kernels.py`), printed as it finishes."""
+    from bench.check_int_kernels import run_all
 
-    results = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for rows, depth in ((1, 1152), (77, 1152), (1000, 4608), (32768 + 13, 1152), (300, 72)):
-        x = (torch.randn(rows, depth, device="cuda", generator=gen) * 3).to(torch.bfloat16)
-        for bits in (8, 6):
-            smooth = torch.rand(depth, device="cuda", generator=gen) + 0.5
-            post_a = torch.randn(1, depth, device="cuda", generator=gen)
-            ref = quantize_per_token_reference(x, bits, smooth_scale=smooth, post_a=post_a)
-            out = quantize_per_token_triton(x, bits, smooth_scale=smooth, post_a=post_a)
-            exact = all(torch.equal(getattr(out, k), getattr(ref, k)) for k in ("codes", "scale", "zero", "rowsum"))
-            proj_err = float((out.proj - ref.proj).abs().max() / ref.proj.abs().max().clamp(min=1e-12))
-            results.append({"kernel": "act_quant", "M": rows, "K": depth, "bits": bits, "exact": exact,
-                            "proj_max_rel": proj_err})
-    for rows, n_out, depth in ((1, 1152, 1152), (77, 2304, 1152), (1000, 1152, 4608), (4099, 4608, 1152), (33, 40, 72),
-                               (129, 96, 33)):
-        a = torch.randint(-128, 128, (rows, depth), device="cuda", dtype=torch.int8, generator=gen)
-        for w4 in (False, True):
-            low, high = (-8, 8) if w4 else (-128, 128)
-            w = torch.randint(low, high, (n_out, depth), device="cuda", dtype=torch.int8, generator=gen)
-            ops = dict(a_scale=torch.rand(rows, device="cuda", generator=gen) * 1e-2,
-                       a_zero=torch.randint(-128, 128, (rows,), device="cuda", dtype=torch.int32, generator=gen),
-                       a_rowsum=a.sum(1, dtype=torch.int32), w_scale=torch.rand(n_out, device="cuda", generator=gen) * 1e-2,
-                       w_zero=torch.randint(low, high, (n_out,), device="cuda", dtype=torch.int32, generator=gen),
-                       w_colsum=w.sum(1, dtype=torch.int32), bias=torch.randn(n_out, device="cuda", generator=gen),
-                       proj=torch.randn(rows, 1, device="cuda", generator=gen),
-                       post_b=torch.randn(n_out, 1, device="cuda", generator=gen))
-            stored = pack_int4(w) if w4 else w
-            k = depth if w4 else None
-            ref_int = int_gemm_reference(a, w=w, out_int32=True, **ops)
-            out_int = int_gemm_triton(a, w=stored, out_int32=True, k=k, **ops)
-            ref = int_gemm_reference(a, w=w, out_dtype=torch.float32, **ops)
-            out = int_gemm_triton(a, w=stored, out_dtype=torch.float32, k=k, **ops)
-            results.append({"kernel": "int_gemm_w4" if w4 else "int_gemm_w8", "M": rows, "N": n_out, "K": depth,
-                            "exact": bool(torch.equal(out_int, ref_int)), "float_rel_l2": relative_l2(out, ref)})
-    return {"cases": results, "all_exact": all(r["exact"] for r in results),
-            "max_float_rel_l2": max(r.get("float_rel_l2", 0.0) for r in results)}
+    cases = []
+    for name, status, detail, seconds in run_all():
+        print(f"{status} {name} ({seconds:.1f} s): {detail}", flush=True)
+        cases.append({"variant": name, "status": status, "detail": detail, "seconds": seconds})
+    return {"cases": cases, "failed": [case["variant"] for case in cases if case["status"] == "FAIL"]}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -268,13 +247,16 @@ def markdown(results: dict) -> str:
         lines.append(f"| bare bf16 block stack (anchor, ×{DEPTH}) | {anchor_ms:.1f} | 1.00 | "
                      f"{(bf16['ms'] / anchor_ms) if 'ms' in bf16 else float('nan'):.2f} | – | – | – |")
     lines += ["", "## Per GEMM (TOPS = 2·M·K·N / time; ours: int8 codes in, bf16 out, zero points + bias fused)", "",
-              "| shape | M×K×N | ×/block | bf16 matmul | torch._int_mm | ours W8A8 | ours W4A8 | act quant ms (GB/s) | W8A8 incl. quant | W4A8 incl. quant |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| shape | M×K×N | ×/block | bf16 matmul | torch._int_mm | ours W8A8 | ours W4A8 | act quant ms (GB/s) | "
+              "W8A8 incl. quant | W4A8 incl. quant | producer + quant ms: fused / eager |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results.get("gemms", []):
         int_mm = f"{row['int_mm_tops']:.0f}" if "int_mm_tops" in row else "–"
         lines.append(f"| {row['shape']} | {row['M']}×{row['K']}×{row['N']} | {row['per_block']} | {row['bf16_tops']:.0f} | "
                      f"{int_mm} | {row['w8_gemm_tops']:.0f} | {row['w4_gemm_tops']:.0f} | {row['act_quant_ms']:.3f} "
-                     f"({row['act_quant_gbps']:.0f}) | {row['w8_with_quant_tops']:.0f} | {row['w4_with_quant_tops']:.0f} |")
+                     f"({row['act_quant_gbps']:.0f}) | {row['w8_with_quant_tops']:.0f} | {row['w4_with_quant_tops']:.0f} | "
+                     + (f"{row['fused_producer_ms']:.3f} / {row['eager_producer_ms']:.3f} |" if "fused_producer_ms" in row
+                        else "– |"))
     lines += ["", "## Where one step's device time goes (torch.profiler, ms)", "",
               "| variant | GEMMs | attention | activation quant | everything else | total |", "|---|---|---|---|---|---|"]
     for name, row in results.get("breakdown", {}).items():
@@ -282,10 +264,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {row['gemm_ms']:.1f} | {row['attention_ms']:.1f} | {row['act_quant_ms']:.1f} | "
                          f"{row['other_ms']:.1f} | {row['total_ms']:.1f} |")
     lines += ["", "## Numerics (relative L2 of the model output)", "",
-              "| config | int fp32 vs fake-quant fp32 | int bf16 vs fake-quant fp32 | fake-quant vs FP fp32 |", "|---|---|---|---|"]
+              "| config | int fp32 vs fake-quant fp32 | int bf16 vs fake-quant fp32 | fused vs fusion off (bf16) | "
+              "fake-quant vs FP fp32 |", "|---|---|---|---|---|"]
     for name, row in results.get("numerics", {}).items():
         lines.append(f"| {name} | {row.get('int_fp32_vs_fake_fp32', float('nan')):.2e} | "
-                     f"{row.get('int_bf16_vs_fake_fp32', float('nan')):.2e} | {row.get('fake_vs_fp', float('nan')):.2e} |")
+                     f"{row.get('int_bf16_vs_fake_fp32', float('nan')):.2e} | "
+                     f"{row.get('fused_vs_unfused_bf16', float('nan')):.2e} | {row.get('fake_vs_fp', float('nan')):.2e} |")
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {err}" for err in results["errors"]]
     return "\n".join(lines) + "\n"
@@ -316,13 +300,11 @@ def main(argv=None) -> int:
     if args.check:
         report = kernel_check()
         (out_dir / "int_check.json").write_text(json.dumps(report, indent=1))
-        for case in report["cases"]:
-            print(case)
-        print(f"all exact: {report['all_exact']}; max float epilogue rel L2 {report['max_float_rel_l2']:.2e}")
-        return 0 if report["all_exact"] and report["max_float_rel_l2"] < 1e-5 else 1
+        print(f"{len(report['cases'])} variants, failed: {report['failed'] or 'none'}")
+        return 1 if report["failed"] else 0
 
     from qdiff.config import QuantConfig, apply_overrides
-    from qdiff.lowbit import convert_to_int
+    from qdiff.lowbit import convert_to_int, set_fusion
 
     results: dict = {**environment(), "steps": {}, "breakdown": {}, "numerics": {}, "errors": []}
 
@@ -377,17 +359,28 @@ def main(argv=None) -> int:
             base.cpu()
             gc.collect()
             torch.cuda.empty_cache()
-            timing = time_step(qmodel, x16, t, y16, mask, args.iters, args.warmup)
-            with torch.no_grad():
-                numerics["int_bf16_vs_fake_fp32"] = relative_l2(timing["step"](), fake)
+            for fused in (True, False):  # fused producers (the default), then the ablation
+                set_fusion(qmodel, fused)
+                label = name if fused else f"{name} (fusion off)"
+                timing = time_step(qmodel, x16, t, y16, mask, args.iters, args.warmup)
+                with torch.no_grad():
+                    half_out = timing["step"]()
+                if fused:
+                    fused_out = half_out
+                    numerics["int_bf16_vs_fake_fp32"] = relative_l2(half_out, fake)
+                else:
+                    numerics["fused_vs_unfused_bf16"] = relative_l2(fused_out, half_out)
+                results["steps"][label] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"],
+                                           "weight_bytes": dit_weight_bytes(qmodel)}
+                print(f"{label}: {timing['ms']:.1f} ms", flush=True)
+                if not args.no_profile:
+                    results["breakdown"][label] = step_breakdown(timing["step"])
+                del timing, half_out
             results["numerics"][name] = numerics
-            results["steps"][name] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"],
-                                      "weight_bytes": dit_weight_bytes(qmodel)}
-            print(f"{name}: {timing['ms']:.1f} ms, rel L2 vs fake quant {numerics['int_fp32_vs_fake_fp32']:.2e} (fp32), "
-                  f"{numerics['int_bf16_vs_fake_fp32']:.2e} (bf16)", flush=True)
-            if not args.no_profile:
-                results["breakdown"][name] = step_breakdown(timing["step"])
-            del qmodel, fake, int_out, timing
+            print(f"{name}: rel L2 vs fake quant {numerics['int_fp32_vs_fake_fp32']:.2e} (fp32), "
+                  f"{numerics['int_bf16_vs_fake_fp32']:.2e} (bf16); fused vs unfused {numerics['fused_vs_unfused_bf16']:.2e}",
+                  flush=True)
+            del qmodel, fake, int_out, fused_out
         except Exception as exc:  # noqa: BLE001
             results["steps"][name] = {"error": repr(exc)[:300]}
             results["errors"].append(f"{name}: {exc!r}")

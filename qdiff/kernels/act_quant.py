@@ -1,7 +1,8 @@
 """Dynamic per-token activation quantization to integer codes (the input side of an integer GEMM).
 
-For each row x[m, :] of x [M, K] (after the optional smoothing division x / s, rounded to x's dtype as an
-eager `x / s` is), with b bits and the code convention of `qdiff.lowbit.pack`:
+For each row x[m, :] of x [M, K] (after the optional fused producer, `qdiff.kernels.fused_producers`, and the
+optional smoothing division x / s, each rounded to x's dtype as the eager ops are), with b bits and the code
+convention of `qdiff.lowbit.pack`:
   affine, dynamic    lo = min(min_k x, 0), hi = max(max_k x, 0), Δ = max((hi − lo)/(2^b − 1), 1e-6),
                      z = round(−lo/Δ), q = clamp(round(x/Δ) + z, 0, 2^b − 1)
   symmetric, dynamic Δ = max(max(−lo, hi)/(2^(b−1) − 1), 1e-6), z = 0, q = clamp(round(x/Δ), −2^(b−1), 2^(b−1) − 1)
@@ -19,6 +20,8 @@ import os
 from typing import NamedTuple
 
 import torch
+
+from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate
 
 MIN_DELTA = 1e-6  # the activation quantizers' per-row floor on Δ
 
@@ -59,15 +62,19 @@ def quantize_per_token_reference(
     static: tuple[float, float] | None = None,
     post_a: torch.Tensor | None = None,
     frame_factor: torch.Tensor | None = None,
+    producer: LayerNormModulate | GeluTanh | None = None,
 ) -> ActCodes:
     """The pure-PyTorch definition. x [M, K] (float dtypes) -> ActCodes (see the module docstring).
 
     smooth_scale: s [K] or None. static: (Δ, z) of a static per-tensor quantizer, or None (dynamic).
     post_a: A_out [r, K] or None. frame_factor: [T] float32 or None (row m uses frame_factor[m mod T]).
+    producer: quantize producer.apply(x) instead of x (the model's eager ops), or None.
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_per_token: expected x [M, K], got {tuple(x.shape)}")
     q_min, q_max, offset = grid(bits, symmetric)
+    if producer is not None:
+        x = producer.apply(x)
     x32 = smooth_input(x, smooth_scale).float()
     if static is not None:
         delta = torch.full((x.shape[0], 1), float(static[0]), dtype=torch.float32, device=x.device)
@@ -127,6 +134,7 @@ def quantize_per_token_triton(
     static: tuple[float, float] | None = None,
     post_a: torch.Tensor | None = None,
     frame_factor: torch.Tensor | None = None,
+    producer: LayerNormModulate | GeluTanh | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> ActCodes:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
@@ -149,28 +157,42 @@ def quantize_per_token_triton(
     zero = torch.empty(rows, dtype=torch.int32, device=device)
     rowsum = torch.empty(rows, dtype=torch.int32, device=device)
     rank = 0 if post_a is None else post_a.shape[0]
-    if rank:
-        if post_a.shape[1] != cols:
-            raise ValueError(f"post_a: expected [r, {cols}], got {tuple(post_a.shape)}")
+    if rank and post_a.shape[1] != cols:
+        raise ValueError(f"post_a: expected [r, {cols}], got {tuple(post_a.shape)}")
+    kernel_rank = 1 if rank == 1 else 0  # the kernel projects rank 1 in its pass; higher ranks follow from the codes
+    if kernel_rank:
         post_a = post_a.float().contiguous()
-        proj = torch.empty(rows, rank, dtype=torch.float32, device=device)
+        proj = torch.empty(rows, 1, dtype=torch.float32, device=device)
     else:
-        post_a = proj = scale  # unused pointers
+        proj = scale  # unused pointers
     smooth = None
     if smooth_scale is not None:
         if smooth_scale.shape != (cols,):
             raise ValueError(f"smooth_scale: expected [{cols}], got {tuple(smooth_scale.shape)}")
         smooth = smooth_scale.to(x.dtype).contiguous()
+    shift = mscale = x  # unused pointers unless the producer modulates
+    rows_per_sample, eps = 1, 0.0
+    if isinstance(producer, LayerNormModulate):
+        batch = producer.shift.shape[0]
+        for name, tensor in (("shift", producer.shift), ("scale", producer.scale)):
+            if tensor.shape != (batch, cols) or tensor.dtype != x.dtype:
+                raise ValueError(f"{name}: expected {x.dtype} [B, {cols}], got {tensor.dtype} {tuple(tensor.shape)}")
+        if batch * producer.rows_per_sample != rows:
+            raise ValueError(f"LayerNormModulate: {batch} samples x {producer.rows_per_sample} rows != M = {rows}")
+        shift, mscale = producer.shift.contiguous(), producer.scale.contiguous()
+        rows_per_sample, eps = producer.rows_per_sample, float(producer.eps)
     frames = None if frame_factor is None else frame_factor.float().contiguous()
     if rows == 0:
-        return ActCodes(codes, scale, zero, rowsum, proj if rank else None)
-    args = (x, smooth if smooth is not None else x, codes, scale, zero, rowsum, post_a, proj,
-            frames if frames is not None else scale, rows, cols, x.stride(0), codes.stride(0),
-            0 if frames is None else frames.shape[0],
+        return ActCodes(codes, scale, zero, rowsum, torch.empty(0, rank, device=device) if rank else None)
+    args = (x, smooth if smooth is not None else x, shift, mscale, codes, scale, zero, rowsum,
+            post_a if kernel_rank else scale, proj,
+            frames if frames is not None else scale, rows, cols, x.stride(0), codes.stride(0), rows_per_sample,
+            shift.stride(0), 0 if frames is None else frames.shape[0],
             float(static[0]) if static else 0.0, float(static[1]) if static else 0.0,
-            float(q_min), float(q_max), float(offset), MIN_DELTA)
-    flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=rank,
-                 R_PAD=max(1, triton.next_power_of_2(max(rank, 1))), FRAMES=frames is not None and rank > 0)
+            float(q_min), float(q_max), float(offset), MIN_DELTA, eps)
+    flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=kernel_rank,
+                 FRAMES=frames is not None and kernel_rank > 0,
+                 PRODUCER=NONE if producer is None else producer.kind)
     kernels = _triton_module()
     if config is None and not interpret_mode():
         kernels.act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
@@ -178,7 +200,10 @@ def quantize_per_token_triton(
         block_rows, block_k, warps = config or (16, 64, 4)
         kernels.act_quant_kernel[(triton.cdiv(rows, block_rows),)](*args, **flags, ONE_CHUNK=cols <= block_k,
                                                                     ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
-    return ActCodes(codes, scale, zero, rowsum, proj if rank else None)
+    act = ActCodes(codes, scale, zero, rowsum, proj if kernel_rank else None)
+    if rank > 1:
+        act = act._replace(proj=project_codes_reference(act, post_a, frame_factor))
+    return act
 
 
 def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None,
@@ -191,6 +216,8 @@ def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torc
     rank = post_a.shape[0]
     if post_a.shape != (rank, cols) or rank == 0:
         raise ValueError(f"post_a: expected [r >= 1, {cols}], got {tuple(post_a.shape)}")
+    if rank > 1:  # the kernel projects rank 1
+        return project_codes_reference(act, post_a, frame_factor)
     post_a = post_a.float().contiguous()
     proj = torch.empty(rows, rank, dtype=torch.float32, device=codes.device)
     if rows == 0:
@@ -198,7 +225,7 @@ def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torc
     frames = None if frame_factor is None else frame_factor.float().contiguous()
     args = (codes, act.scale, act.zero, post_a, proj, frames if frames is not None else act.scale, rows, cols,
             codes.stride(0), 0 if frames is None else frames.shape[0])
-    flags = dict(R_OUT=rank, R_PAD=triton.next_power_of_2(rank), FRAMES=frames is not None)
+    flags = dict(FRAMES=frames is not None)
     kernels = _triton_module()
     if config is None and not interpret_mode():
         kernels.codes_projection_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
@@ -228,10 +255,10 @@ def triton_available(device: torch.device | str = "cuda") -> bool:
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, smooth_scale=None, static=None,
-                       post_a=None, frame_factor=None, backend: str = "auto") -> ActCodes:
+                       post_a=None, frame_factor=None, producer=None, backend: str = "auto") -> ActCodes:
     """Dispatch: the Triton kernel on CUDA (backend 'auto' or 'triton'), the reference otherwise."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
     fn = quantize_per_token_triton if use_triton else quantize_per_token_reference
-    return fn(x, bits, symmetric, smooth_scale, static, post_a, frame_factor)
+    return fn(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer)

@@ -58,16 +58,19 @@ if triton is not None:
         """Two passes over column chunks of each row (min/max, then quantize; the re-read hits the cache).
         No lanes are wasted on padding a row to a power of two, and tiles stay small: 1.6x the bandwidth of
         a whole-row-in-registers kernel at 1152 columns on an H100. The row length is a compile-time
-        constant (a model has a handful of widths), so the loops unroll."""
+        constant (a model has a handful of widths), so the loops unroll. The range is kept element-wise over the
+        chunks and reduced once after the loop: Triton 3.6's TritonGPUOptimizeThreadLocality pass, which rewrites
+        reductions inside loops, fails on some widths on sm_90."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
         row_ok = rows < n_rows
-        lo = tl.zeros([ROWS], dtype=tl.float32)  # starting at 0 is the clamp min(·, 0) / max(·, 0)
-        hi = tl.zeros([ROWS], dtype=tl.float32)
+        lo = tl.zeros([ROWS, CHUNK], dtype=tl.float32)  # starting at 0 is the clamp min(·, 0) / max(·, 0)
+        hi = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
         for start in range(0, n_cols, CHUNK):
             cols = start + tl.arange(0, CHUNK)[None, :]
             x = tl.load(x_ptr + rows * stride_x + cols, mask=row_ok & (cols < n_cols), other=0.0).to(tl.float32)
-            lo = tl.minimum(lo, tl.min(x, axis=1))
-            hi = tl.maximum(hi, tl.max(x, axis=1))
+            lo = tl.minimum(lo, x)
+            hi = tl.maximum(hi, x)
+        lo, hi = tl.min(lo, axis=1), tl.max(hi, axis=1)
         delta = tl.maximum(tl.math.div_rn(hi - lo, q_max), min_delta)[:, None]
         zero_point = rint_half_even(tl.math.div_rn(-lo[:, None], delta))
         for start in range(0, n_cols, CHUNK):

@@ -1,17 +1,28 @@
-"""Triton kernel of `qdiff.kernels.act_quant` (imported lazily by its wrapper; see there for the math).
+"""Triton kernels of `qdiff.kernels.act_quant` (imported lazily by its wrapper; see there for the math).
 
 Importing this module imports triton; `triton.jit` decides at import whether kernels run compiled or under the
 CPU interpreter (TRITON_INTERPRET=1), recorded in INTERPRETED.
+
+Built to compile on every Triton GPU backend: tensors are at most 2-D, every reduction is along axis 1, and no
+reduction sits inside a loop. Loops over K chunks carry element-wise [ROWS, BLOCK_K] accumulators (LayerNorm sums,
+range, code sums, the TQE projection) and reduce them once after the loop: Triton 3.6's
+`TritonGPUOptimizeThreadLocality` pass, which rewrites reductions inside loops, fails on some of them on sm_90.
+The in-kernel TQE projection supports r_out ≤ 1 (the papers' rank); the wrapper computes higher ranks from the
+codes with torch. Globals read by kernels are `tl.constexpr` (Triton 3.6 refuses plain globals when compiling).
 """
 import triton
 import triton.language as tl
 
 from qdiff.kernels.act_quant import interpret_mode
+from qdiff.kernels import fused_producers
 
 INTERPRETED = interpret_mode()
-# (ROWS, BLOCK_K, num_warps) candidates for the autotuner: chunked two-pass tiles, and whole-row tiles that read
+# (ROWS, BLOCK_K, num_warps) candidates for the autotuner: chunked multi-pass tiles, and whole-row tiles that read
 # each row once (BLOCK_K ≥ K: 2048 covers K = 1152, 8192 covers K = 4608)
 AUTOTUNE_CONFIGS = ((16, 256, 4), (32, 128, 4), (64, 128, 8), (4, 2048, 4), (8, 2048, 8), (2, 8192, 8), (1, 8192, 4))
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+LAYERNORM_MODULATE = tl.constexpr(fused_producers.LAYERNORM_MODULATE)
+GELU_TANH = tl.constexpr(fused_producers.GELU_TANH)
 
 
 @triton.jit
@@ -25,12 +36,36 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _load_row_chunk(x_ptr, s_ptr, rows, cols, valid, K, stride_xm, SMOOTH: tl.constexpr):
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=valid, other=0.0)
+def _gelu_tanh(v):
+    """0.5·v·(1 + tanh(u)) = v / (1 + exp(−2u)), u = √(2/π)·(v + 0.044715·v³), in float32 (accurate for
+    v < 0 too, where 1 + tanh(u) would cancel)."""
+    u = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)
+    return tl.math.div_rn(v, 1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _load(x_ptr, rows, cols, valid, stride_xm):
+    """One [ROWS, BLOCK_K] chunk of x in its own dtype (0 outside `valid`)."""
+    return tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=valid, other=0.0)
+
+
+@triton.jit
+def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
+             SMOOTH: tl.constexpr, PRODUCER: tl.constexpr):
+    """The quantizer's input for a chunk x (x's dtype) as float32, 0 outside `valid`. Each eager op's result is
+    rounded to x's dtype, as the eager model rounds it: producer (LayerNorm + modulate, or GELU), then x / s."""
+    if PRODUCER == LAYERNORM_MODULATE:
+        y = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None]).to(x.dtype)
+        mod = sample[:, None] * stride_mod + cols[None, :]
+        one_plus = (1.0 + tl.load(mscale_ptr + mod, mask=valid, other=0.0).to(tl.float32)).to(x.dtype)
+        y = (y.to(tl.float32) * one_plus.to(tl.float32)).to(x.dtype)
+        x = (y.to(tl.float32) + tl.load(shift_ptr + mod, mask=valid, other=0.0).to(tl.float32)).to(x.dtype)
+    if PRODUCER == GELU_TANH:
+        x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)
     if SMOOTH:  # x / s in x's dtype, as the eager balancing does
         s = tl.load(s_ptr + cols, mask=cols < K, other=1.0)
         x = tl.math.div_rn(x.to(tl.float32), s[None, :].to(tl.float32)).to(x.dtype)
-    return x.to(tl.float32)
+    return tl.where(valid, x.to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -46,77 +81,105 @@ def _row_grid(lo, hi, q_max, min_delta, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _quantize_chunk(x, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr, stride_cm, post_a_ptr,
-                    rowsum, proj, R_OUT: tl.constexpr, R_PAD: tl.constexpr):
-    """Store the codes of one [ROWS, BLOCK_K] chunk; add its code sums and TQE projection to rowsum, proj."""
-    q = _round_half_even(tl.math.div_rn(x, delta[:, None])) + zero[:, None]
+def _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr, stride_cm, post_a_ptr,
+                    code_acc, proj_acc, R_OUT: tl.constexpr):
+    """Store the codes of one [ROWS, BLOCK_K] chunk v (float32); add them, and (R_OUT = 1) x̂·a_out, element-wise to
+    the [ROWS, BLOCK_K] accumulators (the caller reduces them along axis 1 once, after its loop)."""
+    q = _round_half_even(tl.math.div_rn(v, delta[:, None])) + zero[:, None]
     q = tl.minimum(tl.maximum(q, q_min), q_max)
     code = tl.where(valid, (q - offset).to(tl.int32), 0)
     tl.store(codes_ptr + rows[:, None] * stride_cm + cols[None, :], code.to(tl.int8), mask=valid)
-    rowsum += tl.sum(code, axis=1)
+    code_acc += code
     if R_OUT > 0:
         dequant = tl.where(valid, (q - zero[:, None]) * delta[:, None], 0.0)  # x̂ [ROWS, BLOCK_K]
-        ranks = tl.arange(0, R_PAD)
-        a = tl.load(post_a_ptr + ranks[:, None] * K + cols[None, :],
-                    mask=(ranks < R_OUT)[:, None] & (cols < K)[None, :], other=0.0)  # [R_PAD, BLOCK_K]
-        proj += tl.sum(dequant[:, None, :] * a[None, :, :], axis=2)
-    return rowsum, proj
+        a = tl.load(post_a_ptr + cols, mask=cols < K, other=0.0)  # [BLOCK_K]
+        proj_acc += dequant * a[None, :]
+    return code_acc, proj_acc
 
 
 @triton.jit
 def act_quant_kernel(
-    x_ptr, s_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, post_a_ptr, proj_ptr, frame_ptr,
-    M, K, stride_xm, stride_cm, n_frames, static_delta, static_zero, q_min, q_max, offset, min_delta,
+    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, post_a_ptr, proj_ptr, frame_ptr,
+    M, K, stride_xm, stride_cm, rows_per_sample, stride_mod, n_frames, static_delta, static_zero, q_min, q_max, offset,
+    min_delta, eps,
     SMOOTH: tl.constexpr, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, R_OUT: tl.constexpr,
-    R_PAD: tl.constexpr, FRAMES: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    FRAMES: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else two passes over K: the range, then the codes."""
+    """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else passes over K in chunks (the re-reads hit L2): the
+    LayerNorm moments (producer 1: mean, then the squared deviations), the range (dynamic grids), then the codes.
+    R_OUT ∈ {0, 1}: proj [M] = f_m · x̂_m · a_out (post_a_ptr: a_out [K])."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
-    rowsum = tl.zeros([ROWS], dtype=tl.int32)
-    proj = tl.zeros([ROWS, R_PAD], dtype=tl.float32)
+    sample = rows // rows_per_sample
+    width = K * 1.0
+    code_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
+    proj_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    mean = tl.zeros([ROWS], dtype=tl.float32)
+    rstd = tl.zeros([ROWS], dtype=tl.float32)
     if ONE_CHUNK:
         cols = tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        x = _load_row_chunk(x_ptr, s_ptr, rows, cols, valid, K, stride_xm, SMOOTH)  # padding reads 0
+        x = _load(x_ptr, rows, cols, valid, stride_xm)
+        if PRODUCER == LAYERNORM_MODULATE:
+            x32 = x.to(tl.float32)
+            mean = tl.math.div_rn(tl.sum(x32, axis=1), width)
+            dev = tl.where(valid, x32 - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(dev * dev, axis=1), width) + eps)
+        v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH, PRODUCER)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero
         else:  # the clamps min(·, 0) / max(·, 0) come with the zero padding or explicitly
-            delta, zero = _row_grid(tl.minimum(tl.min(x, axis=1), 0.0), tl.maximum(tl.max(x, axis=1), 0.0),
+            delta, zero = _row_grid(tl.minimum(tl.min(v, axis=1), 0.0), tl.maximum(tl.max(v, axis=1), 0.0),
                                     q_max, min_delta, SYMMETRIC)
-        rowsum, proj = _quantize_chunk(x, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr,
-                                       stride_cm, post_a_ptr, rowsum, proj, R_OUT, R_PAD)
+        code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr,
+                                             stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT)
     else:
+        if PRODUCER == LAYERNORM_MODULATE:
+            total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                valid = row_ok[:, None] & (cols < K)[None, :]
+                total += _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32)
+            mean = tl.math.div_rn(tl.sum(total, axis=1), width)
+            total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                valid = row_ok[:, None] & (cols < K)[None, :]
+                dev = tl.where(valid, _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32) - mean[:, None], 0.0)
+                total += dev * dev
+            rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(total, axis=1), width) + eps)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero
         else:
-            lo = tl.zeros([ROWS], dtype=tl.float32)
-            hi = tl.zeros([ROWS], dtype=tl.float32)
+            lo = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)  # starting at 0: the clamps min(·, 0), max(·, 0)
+            hi = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 valid = row_ok[:, None] & (cols < K)[None, :]
-                x = _load_row_chunk(x_ptr, s_ptr, rows, cols, valid, K, stride_xm, SMOOTH)
-                lo = tl.minimum(lo, tl.min(x, axis=1))
-                hi = tl.maximum(hi, tl.max(x, axis=1))
-            delta, zero = _row_grid(lo, hi, q_max, min_delta, SYMMETRIC)
-        for k0 in range(0, K, BLOCK_K):  # second pass: the chunks come back from L2
+                x = _load(x_ptr, rows, cols, valid, stride_xm)
+                v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
+                             SMOOTH, PRODUCER)
+                lo = tl.minimum(lo, v)
+                hi = tl.maximum(hi, v)
+            delta, zero = _row_grid(tl.min(lo, axis=1), tl.max(hi, axis=1), q_max, min_delta, SYMMETRIC)
+        for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid = row_ok[:, None] & (cols < K)[None, :]
-            x = _load_row_chunk(x_ptr, s_ptr, rows, cols, valid, K, stride_xm, SMOOTH)
-            rowsum, proj = _quantize_chunk(x, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr,
-                                           stride_cm, post_a_ptr, rowsum, proj, R_OUT, R_PAD)
+            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
+                         SMOOTH, PRODUCER)
+            code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset,
+                                                 codes_ptr, stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT)
     tl.store(scale_ptr + rows, delta, mask=row_ok)
     tl.store(zero_ptr + rows, (zero - offset).to(tl.int32), mask=row_ok)
-    tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+    tl.store(rowsum_ptr + rows, tl.sum(code_acc, axis=1), mask=row_ok)
     if R_OUT > 0:
+        proj = tl.sum(proj_acc, axis=1)  # [ROWS]
         if FRAMES:
-            factor = tl.load(frame_ptr + rows % n_frames, mask=row_ok, other=0.0)
-            proj = proj * factor[:, None]
-        ranks = tl.arange(0, R_PAD)
-        tl.store(proj_ptr + rows[:, None] * R_OUT + ranks[None, :], proj,
-                 mask=row_ok[:, None] & (ranks < R_OUT)[None, :])
+            proj = proj * tl.load(frame_ptr + rows % n_frames, mask=row_ok, other=0.0)
+        tl.store(proj_ptr + rows, proj, mask=row_ok)
 
 
 def one_chunk(meta) -> bool:
@@ -132,7 +195,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
-act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC", "R_OUT"],
+act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER"],
                                   prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"ONE_CHUNK": one_chunk})(act_quant_kernel))
 
@@ -140,28 +203,25 @@ act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC",
 @triton.jit
 def codes_projection_kernel(
     codes_ptr, scale_ptr, zero_ptr, post_a_ptr, proj_ptr, frame_ptr, M, K, stride_cm, n_frames,
-    R_OUT: tl.constexpr, R_PAD: tl.constexpr, FRAMES: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    FRAMES: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """proj[m, j] = f_m · Σ_k (c[m, k] − z_c[m])·Δ[m]·A_out[j, k] from existing int8 codes."""
+    """proj[m] = f_m · Σ_k (c[m, k] − z_c[m])·Δ[m]·a_out[k] from existing int8 codes (rank 1)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     delta = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     zero = tl.load(zero_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-    ranks = tl.arange(0, R_PAD)
-    proj = tl.zeros([ROWS, R_PAD], dtype=tl.float32)
+    proj_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
         code = tl.load(codes_ptr + rows[:, None] * stride_cm + cols[None, :], mask=valid, other=0).to(tl.float32)
-        dequant = tl.where(valid, (code - zero[:, None]) * delta[:, None], 0.0)
-        a = tl.load(post_a_ptr + ranks[:, None] * K + cols[None, :],
-                    mask=(ranks < R_OUT)[:, None] & (cols < K)[None, :], other=0.0)
-        proj += tl.sum(dequant[:, None, :] * a[None, :, :], axis=2)
+        a = tl.load(post_a_ptr + cols, mask=cols < K, other=0.0)
+        proj_acc += tl.where(valid, (code - zero[:, None]) * delta[:, None], 0.0) * a[None, :]
+    proj = tl.sum(proj_acc, axis=1)
     if FRAMES:
-        factor = tl.load(frame_ptr + rows % n_frames, mask=row_ok, other=0.0)
-        proj = proj * factor[:, None]
-    tl.store(proj_ptr + rows[:, None] * R_OUT + ranks[None, :], proj, mask=row_ok[:, None] & (ranks < R_OUT)[None, :])
+        proj = proj * tl.load(frame_ptr + rows % n_frames, mask=row_ok, other=0.0)
+    tl.store(proj_ptr + rows, proj, mask=row_ok)
 
 
-codes_projection_tuned = triton.autotune(configs=configs, key=["K", "R_OUT"],
+codes_projection_tuned = triton.autotune(configs=configs, key=["K", "FRAMES"],
                                         prune_configs_by={"early_config_prune": prune_configs})(codes_projection_kernel)

@@ -10,12 +10,19 @@ from qdiff.kernels.act_quant import interpret_mode
 
 INTERPRETED = interpret_mode()
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts bytes of W (int4: 2·BLOCK_K channels).
+# The last four are for Hopper's wgmma at XL/2's shapes (M = 32768; K = 1152 or 4608): deeper pipelines of
+# 128-byte K steps for W8, and 64-byte steps for W4 (EVEN_K at K = 1152, where ⌈K/2⌉ = 576 = 9·64). Tiles that
+# need more shared memory than the GPU has are skipped by the autotuner.
 AUTOTUNE_CONFIGS = (
     (128, 256, 128, 3, 8),
     (256, 128, 128, 3, 8),
     (128, 128, 128, 4, 8),
     (128, 128, 64, 5, 4),
     (64, 128, 128, 4, 4),
+    (128, 256, 128, 4, 8),
+    (128, 128, 128, 4, 4),
+    (128, 256, 64, 4, 8),
+    (256, 128, 64, 4, 8),
 )
 
 def even_k(meta) -> bool:

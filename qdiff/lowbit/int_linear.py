@@ -13,6 +13,7 @@ On CUDA the two steps run as Triton kernels; elsewhere (and with backend='torch'
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,22 @@ BACKENDS = ("auto", "torch", "triton")
 
 class IntExportError(ValueError):
     """A QuantLinear cannot be turned into integer form; the message says why and what to do."""
+
+
+class QuantizedInput(NamedTuple):
+    """An activation handed to the IntLinear layers that read it already quantized (`qdiff.lowbit.fused`).
+
+    shape: the activation's shape (..., K); dtype: its dtype (the layers' output dtype);
+    acts: {layer: (ActCodes of its M = prod(shape[:-1]) token rows, TQE projection [M, r] float32 or None)}.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    acts: dict
+
+    def reshape(self, *shape: int) -> "QuantizedInput":
+        """The same rows under another leading shape (as Tensor.reshape of a contiguous activation)."""
+        return self._replace(shape=torch.empty(self.shape, device="meta").reshape(*shape).shape)
 
 
 class SharedInputQuant:
@@ -123,6 +140,9 @@ class IntLinear(nn.Module):
         self.register_buffer("w_colsum", None, persistent=False)
         self._static_values: tuple[float, float] | None = None
         self.input_memo: SharedInputQuant | None = None  # set by convert_to_int / load_int_model
+        # accept a QuantizedInput from a fused producer (`qdiff.lowbit.fused.set_fusion`); off by default: on an
+        # H100 it did not pay and its bf16 LayerNorm rounds differently from torch's (docs/int_kernels.md)
+        self.fuse_input = False
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -214,38 +234,51 @@ class IntLinear(nn.Module):
         if self.act_static is not None and self._static_values is None:
             self._static_values = (float(self.act_static[0]), float(self.act_static[1]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] (temporal layers: [B·S, T, K]) -> y [..., N] in x's dtype."""
-        if self.frame_scale is not None and (x.dim() < 2 or x.shape[-2] != self.num_frames):
-            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
-        self._prepare()
-        leading = x.shape[:-1]
+    def input_signature(self) -> tuple:
+        """What this layer's activation codes depend on besides x: layers with equal signatures share codes."""
+        smooth = None if self.smooth_scale is None else id(self.smooth_scale)
+        return self.in_features, self.a_bits, self.a_symmetric, self._static_values, smooth
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[ActCodes, torch.Tensor | None]:
+        """Codes of this layer's input x [..., K] as M token rows, and its TQE projection [M, r] (or None)."""
         x2 = x.reshape(-1, self.in_features)
         smooth = self.smooth_scale
         if self.rotation is not None:  # (x / s) · H in x's dtype, as QuantLinear balances
-            x2 = smooth_input(x2, smooth) @ self.rotation.to(x.dtype)
+            x2 = smooth_input(x2, smooth) @ self.rotation.to(x2.dtype)
             smooth = None
         frame_factor = None if self.frame_scale is None else 1.0 + self.frame_scale
         memo = self.input_memo if self.smooth_scale is None and self.rotation is None else None
         if memo is None:  # quantization and the TQE projection in one pass
             act = quantize_per_token(x2, self.a_bits, self.a_symmetric, smooth_scale=smooth, static=self._static_values,
                                      post_a=self.post_a, frame_factor=frame_factor, backend=self.backend)
-            proj = act.proj
-        else:  # codes shared with sibling layers reading the same x; the projection is this layer's own
-            signature = (self.in_features, self.a_bits, self.a_symmetric, self._static_values)
-            act = memo.lookup(x, signature)
-            if act is None:
-                act = quantize_per_token(x2, self.a_bits, self.a_symmetric, static=self._static_values,
-                                         backend=self.backend)
-                memo.store(x, signature, act)
-            proj = None if self.post_a is None else project_codes(act, self.post_a, frame_factor, backend=self.backend)
+            return act, act.proj
+        # codes shared with sibling layers reading the same x; the projection is this layer's own
+        act = memo.lookup(x, self.input_signature())
+        if act is None:
+            act = quantize_per_token(x2, self.a_bits, self.a_symmetric, static=self._static_values,
+                                     backend=self.backend)
+            memo.store(x, self.input_signature(), act)
+        return act, None if self.post_a is None else project_codes(act, self.post_a, frame_factor, backend=self.backend)
+
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        """x [..., K] (temporal layers: [B·S, T, K]) or a QuantizedInput made for this layer -> y [..., N] in x's
+        dtype."""
+        if self.frame_scale is not None and (len(x.shape) < 2 or x.shape[-2] != self.num_frames):
+            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        self._prepare()
+        if isinstance(x, QuantizedInput):
+            if self not in x.acts:
+                raise ValueError("this QuantizedInput was not quantized for this layer")
+            act, proj = x.acts[self]
+        else:
+            act, proj = self._quantize_input(x)
         y = int_gemm(act.codes, act.scale, None if self.a_symmetric else act.zero,
                      act.rowsum if self.w_zero is not None else None, self.qweight, self.w_scale, self.w_zero,
                      self.w_colsum, bias=self.bias, proj=proj, post_b=self.post_b, out_dtype=x.dtype,
                      k=self.in_features if self.container == "int4x2" else None, backend=self.backend)
-        return y.reshape(*leading, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------------------ reporting
     def layer_info(self) -> dict:

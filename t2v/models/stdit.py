@@ -8,6 +8,9 @@ checkpoint is ``t2v.models.checkpoint``'s job.
 
 Every linear is an ``nn.Linear`` child called as a module (``self.q(x)``), so a quantization
 library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame).
+When the linears after a LayerNorm + modulation or after the MLP's GELU are integer layers
+(``qdiff.lowbit.IntLinear``), the block hands them their input already quantized by one fused kernel
+(``qdiff.lowbit.fused``); every other model runs the eager ops.
 """
 import json
 import os
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qdiff.io import save_safetensors_atomic
+from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate
 
 from t2v.models.embeddings import (
     CaptionEmbedder,
@@ -147,8 +151,8 @@ class STDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, C] each
 
         # 1. spatial self-attention over the S tokens of each frame
-        x_s = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
-        x_s = rearrange(x_s, "B (T S) C -> (B T) S C", T=T, S=S)
+        x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, self.attn.q, self.attn.k, self.attn.v)
+        x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
         x = x + gate_msa * x_s
 
@@ -164,8 +168,23 @@ class STDiTBlock(nn.Module):
         x = x + self.cross_attn(x, y, y_lens)
 
         # 4. MLP
-        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp * self._mlp(self._modulated(x, self.norm2, shift_mlp, scale_mlp, self.mlp.fc1))
         return x
+
+    @staticmethod
+    def _modulated(x, norm, shift, scale, *readers):
+        """t2i_modulate(norm(x), shift, scale), or the same activation already quantized for its integer readers."""
+        fused = quantize_layernorm_modulate(x, norm, shift, scale, *readers)
+        return t2i_modulate(norm(x), shift, scale) if fused is None else fused
+
+    def _mlp(self, h):
+        """self.mlp(h); with an integer fc2, the GELU runs inside the quantization of fc2's input."""
+        mlp = self.mlp
+        if not fusable(mlp.fc2):
+            return mlp(h)
+        hidden = mlp.fc1(h)
+        fused = quantize_gelu(hidden, mlp.act, mlp.fc2)
+        return mlp.fc2(mlp.act(hidden) if fused is None else fused)
 
 
 class FinalLayer(nn.Module):

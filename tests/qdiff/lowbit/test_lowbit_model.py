@@ -6,7 +6,7 @@ import torch
 
 from qdiff.api import calibrate_balancing, init_weight_quantizers, quantize_model, set_quant_state
 from qdiff.config import QuantConfig, apply_overrides
-from qdiff.lowbit import convert_to_int, int_layers, int_weight_bytes, share_input_quantization
+from qdiff.lowbit import convert_to_int, int_layers, int_weight_bytes, set_fusion, share_input_quantization
 from t2v.models.stdit import STDiT
 
 TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
@@ -58,6 +58,7 @@ def test_int_model_matches_fake_quant(yaml, overrides):
         reference = fp(x, t, y, mask=mask)
         fake = model(x, t, y, mask=mask)
         convert_to_int(model, backend="torch")
+        set_fusion(model, True)
         out = model(x, t, y, mask=mask)
     assert len(list(int_layers(model))) == 2 * 13
     error = float((out - fake).norm() / fake.norm())
@@ -65,10 +66,13 @@ def test_int_model_matches_fake_quant(yaml, overrides):
     assert float((out - reference).norm() / reference.norm()) > 10 * error  # quantization itself is visible
     assert int_weight_bytes(model) < sum(t.numel() * 4 for t in fp.state_dict().values())
     memo = next(iter(int_layers(model)))[1].input_memo
-    if qconfig.balance.method == "none":  # q, k, v quantized their shared input once
-        assert memo.hits == 2 * 2 * 2  # 2 blocks × (spatial, temporal) × (k, v)
-    else:
-        assert memo.hits == 0
+    shared = qconfig.balance.method == "none"  # q, k, v quantize their shared input once
+    assert memo.hits == (2 * 2 if shared else 0)  # 2 blocks × temporal (k, v); the spatial ones take a fused input
+    set_fusion(model, False)  # the ablation: LayerNorm, modulation and GELU eager, every linear quantizes its input
+    with torch.no_grad():
+        unfused = model(x, t, y, mask=mask)
+    assert float((unfused - out).norm() / out.norm()) < 1e-6
+    assert memo.hits == (2 * 2 + 2 * 2 * 2 if shared else 0)  # now spatial (k, v) hit the memo too
     share_input_quantization(model, enabled=False)
     with torch.no_grad():
         unshared = model(x, t, y, mask=mask)

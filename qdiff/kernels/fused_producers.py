@@ -1,0 +1,45 @@
+"""Producers that the activation quantization kernel can fuse: it computes the op that makes the activation, then
+quantizes it per token in the same pass, so the activation itself never goes through memory.
+
+Each producer is a small description with its PyTorch reference (`apply`), which runs the model's own eager ops;
+`qdiff.kernels.act_quant.quantize_per_token(x, ..., producer=p)` quantizes p.apply(x). The Triton kernel repeats the
+eager ops' float32 math and their rounding to x's dtype after each op (bf16 models round after every op).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+NONE, LAYERNORM_MODULATE, GELU_TANH = 0, 1, 2  # the kernel's PRODUCER constexpr
+
+
+class LayerNormModulate(NamedTuple):
+    """LayerNorm over K without affine, then adaLN modulation `y·(1 + scale) + shift` (t2i_modulate).
+
+    shift, scale: [B, K] in x's dtype; row m of x [M, K] belongs to sample m // rows_per_sample.
+    """
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    rows_per_sample: int
+    eps: float = 1e-6
+
+    kind = LAYERNORM_MODULATE
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, K] in x's dtype, with the eager ops of `t2i_modulate(LayerNorm(x), shift, scale)`."""
+        batch, width = self.shift.shape
+        y = F.layer_norm(x, (width,), eps=self.eps).reshape(batch, -1, width)
+        return (y * (1 + self.scale[:, None]) + self.shift[:, None]).reshape(x.shape)
+
+
+class GeluTanh(NamedTuple):
+    """GELU with the tanh approximation (`nn.GELU(approximate="tanh")`)."""
+
+    kind = GELU_TANH
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, K] in x's dtype."""
+        return F.gelu(x, approximate="tanh")

@@ -1,0 +1,81 @@
+"""Fused producers for IntLinear inputs: the op that makes a linear's input (LayerNorm + adaLN modulation, or
+GELU) runs inside the activation-quantization kernel, and the layers receive a `QuantizedInput` instead of a tensor.
+
+    x_s = quantize_layernorm_modulate(x, norm, shift, scale, attn.q, attn.k, attn.v)   # None: not fusable
+    q = attn.q(x_s if x_s is not None else t2i_modulate(norm(x), shift, scale))
+
+Readers with the same activation grid (bits, grid, static range, no smoothing) share one kernel launch, which also
+computes every reader's TQE projection (their A_out stacked: R_OUT = Σ r). A reader with a smoothing scale gets a
+launch of its own, with x / s fused after the producer. Readers with a rotation (x / s)·H or per-frame TQE factors
+are not fusable: the helpers return None and the caller runs the eager ops. On CPU the torch references run the
+model's own eager ops, so the integer model's output does not change; on CUDA the kernel repeats them in float32
+with the same roundings to the activation's dtype (docs/int_kernels.md, "Fused producers").
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdiff.kernels.act_quant import quantize_per_token
+from qdiff.kernels.fused_producers import GeluTanh, LayerNormModulate
+from qdiff.lowbit.int_linear import IntLinear, QuantizedInput
+
+
+def fusable(*layers: nn.Module) -> bool:
+    """True when every layer is an IntLinear that can take a QuantizedInput from a fused producer."""
+    return all(isinstance(layer, IntLinear) and layer.fuse_input and layer.rotation is None
+               and layer.frame_scale is None for layer in layers) and len({layer.backend for layer in layers}) == 1
+
+
+def set_fusion(model: nn.Module, enabled: bool = True) -> None:
+    """Let the IntLinear layers of `model` take fused-producer inputs, or not (the default)."""
+    for module in model.modules():
+        if isinstance(module, IntLinear):
+            module.fuse_input = enabled
+
+
+def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh, layers) -> QuantizedInput:
+    """producer.apply(x) quantized per token for each of `layers` (fusable IntLinear): x [..., K]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    groups: dict[tuple, list[IntLinear]] = {}
+    for layer in layers:
+        layer._prepare()
+        groups.setdefault(layer.input_signature(), []).append(layer)
+    acts = {}
+    for members in groups.values():
+        lead = members[0]
+        posts = [layer.post_a for layer in members if layer.post_a is not None]
+        act = quantize_per_token(x2, lead.a_bits, lead.a_symmetric, smooth_scale=lead.smooth_scale,
+                                 static=lead._static_values, post_a=torch.cat(posts) if posts else None,
+                                 producer=producer, backend=lead.backend)
+        start = 0
+        for layer in members:
+            proj = None
+            if layer.post_a is not None:
+                proj = act.proj[:, start:start + layer.rank_out]
+                start += layer.rank_out
+            acts[layer] = (act, proj)
+    return QuantizedInput(x.shape, x.dtype, acts)
+
+
+def quantize_layernorm_modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+                                *layers: nn.Module) -> QuantizedInput | None:
+    """`t2i_modulate(norm(x), shift, scale)` quantized for `layers`, or None when they cannot take it.
+
+    x [B, N, K]; norm: nn.LayerNorm over K without affine parameters; shift, scale [B or 1, 1, K] in x's dtype.
+    """
+    if not (fusable(*layers) and isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None
+            and x.dim() == 3 and tuple(norm.normalized_shape) == (x.shape[-1],)
+            and shift.dtype == x.dtype and scale.dtype == x.dtype):
+        return None
+    batch, tokens, width = x.shape
+    producer = LayerNormModulate(shift.expand(batch, 1, width).reshape(batch, width),
+                                 scale.expand(batch, 1, width).reshape(batch, width), tokens, norm.eps)
+    return quantize_for(x, producer, layers)
+
+
+def quantize_gelu(h: torch.Tensor, act: nn.Module, *layers: nn.Module) -> QuantizedInput | None:
+    """`act(h)` quantized for `layers` when act is GELU with the tanh approximation, else None. h [..., K]."""
+    if not (fusable(*layers) and isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return None
+    return quantize_for(h, GeluTanh(), layers)
