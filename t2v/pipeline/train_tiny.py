@@ -35,7 +35,8 @@ from torch import nn
 
 from qdiff.io import atomic_path, save_safetensors_atomic
 from t2v.data import shapes
-from t2v.models.tiny_t2v import TinyT2V, load_tiny_state_dict, save_tiny_t2v, tiny_state_dict
+from t2v.models.tiny_t2v import (TinyT2V, load_tiny_state_dict, read_tiny_metadata, save_tiny_t2v,
+                                 tiny_state_dict)
 from t2v.schedulers.iddpm import IDDPM
 
 STATE_NAME = "train_state.safetensors"
@@ -45,6 +46,8 @@ CURVE_NAME = "loss_curve.png"
 SAMPLES_NAME = "eval_samples.png"
 STATE_KEY = "train_state"
 # TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
+LOSS_WEIGHTINGS = ("none", "min_snr")
+MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
                        "class_dropout_prob")
@@ -77,7 +80,13 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (OpenSora: 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (OpenSora: 1.0)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (warmed up as min(d, (1+s)/(10+s)))"})
+    loss_weighting: str = field(default="none", metadata={
+        "help": "weight of the eps MSE per timestep: none (OpenSora) or min_snr (min(SNR, gamma)/SNR)"})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min_snr weighting"})
     seed: int = field(default=0, metadata={"help": "seed of init, data and noise"})
+    init_from: str = field(default="", metadata={
+        "help": "start from the weights of a model.safetensors written by this script (same architecture); "
+                "fresh optimizer, warmup again; the file's step count is carried into `steps_before`"})
     # run
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
@@ -89,6 +98,8 @@ class TrainConfig:
     eval_cfg_scale: float = field(default=4.0, metadata={"help": "CFG scale of the final eval sampling"})
 
     def __post_init__(self):
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.split not in ("train", "all"):
             raise ValueError(f"split: expected 'train' or 'all', got {self.split!r}")
         if len(self.patch_size) != 3 or any(int(p) <= 0 for p in self.patch_size):
@@ -163,17 +174,36 @@ class TrainState:
     step: int = 0
     log: list = field(default_factory=list)  # one dict per logging interval
     train_seconds: float = 0.0  # wall time spent in training steps, over all runs
+    steps_before: int = 0  # steps that trained the `init_from` weights
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (not counted in `step`)
+
+
+def load_init_weights(cfg: TrainConfig, module: TinyT2V) -> int:
+    """Load `cfg.init_from` (a shipped model.safetensors) into `module`; returns the steps that trained it
+    (its own `step` plus its `steps_before`). ValueError naming the differing settings if its architecture,
+    text encoder or vocabulary is not `cfg`'s."""
+    info = read_tiny_metadata(cfg.init_from)
+    mine = json.loads(json.dumps(module.metadata()))
+    changed = [key for key in ("dit_config", "text_config", "vocabulary") if info.get(key) != mine[key]]
+    if changed:
+        details = "; ".join(f"{k}: file {info.get(k)!r}, now {mine[k]!r}" for k in changed)
+        raise ValueError(f"--init_from {cfg.init_from}: another architecture ({details})")
+    with safe_open(cfg.init_from, framework="pt") as f:
+        load_tiny_state_dict(module, {k: f.get_tensor(k).float() for k in f.keys()})
+    return int(info.get("step", 0)) + int(info.get("steps_before", 0))
 
 
 def new_state(cfg: TrainConfig, device: torch.device) -> TrainState:
-    module = build_tiny_model(cfg).to(device)
+    module = build_tiny_model(cfg)
+    steps_before = load_init_weights(cfg, module) if cfg.init_from else 0
+    module = module.to(device)
     ema = copy.deepcopy(module).requires_grad_(False).eval()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay, fused=fused or None)
     data_generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1)  # timesteps, noise, caption dropout
-    return TrainState(cfg, module, ema, optimizer, data_generator)
+    return TrainState(cfg, module, ema, optimizer, data_generator, steps_before=steps_before)
 
 
 def _rng_tensors(state: TrainState, device: torch.device) -> dict[str, torch.Tensor]:
@@ -193,7 +223,8 @@ def save_train_state(state: TrainState, path: Path) -> None:
             tensors[f"optim.{name}.{key}"] = value.detach().clone().reshape(value.shape)
     tensors.update(_rng_tensors(state, device))
     meta = {"config": dataclasses.asdict(state.cfg), "step": state.step, "log": state.log,
-            "train_seconds": state.train_seconds}
+            "train_seconds": state.train_seconds, "steps_before": state.steps_before,
+            "skipped_steps": state.skipped_steps}
     save_safetensors_atomic(tensors, path, metadata={"format": "pt", STATE_KEY: json.dumps(meta)}, overwrite=True)
 
 
@@ -207,7 +238,8 @@ def load_train_state(cfg: TrainConfig, path: Path, device: torch.device) -> Trai
                if json.loads(json.dumps(getattr(cfg, k))) != saved[k]]
     if changed:
         raise ValueError(f"cannot resume from {path}: the model/data settings differ ({'; '.join(changed)})")
-    state = new_state(cfg, device)
+    state = new_state(dataclasses.replace(cfg, init_from=""), device)  # the weights come from the file below
+    state.cfg = cfg
     for prefix, target in (("model.", state.module), ("ema.", state.ema)):
         load_tiny_state_dict(target, {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
     for name, param in state.module.named_parameters():
@@ -223,6 +255,7 @@ def load_train_state(cfg: TrainConfig, path: Path, device: torch.device) -> Trai
     if device.type == "cuda" and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     state.step, state.log, state.train_seconds = meta["step"], meta["log"], meta["train_seconds"]
+    state.steps_before, state.skipped_steps = meta.get("steps_before", 0), meta.get("skipped_steps", 0)
     return state
 
 
@@ -240,9 +273,21 @@ def update_ema(ema: nn.Module, module: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach() for p in module.parameters()], 1.0 - decay)
 
 
+def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torch.Tensor:
+    """float32 [B]: the weight of each sample's eps MSE. "none": 1. "min_snr" (Hang et al. 2023):
+    min(SNR_t, gamma)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t), which damps the easy low-noise steps that otherwise
+    dominate the gradient; the VLB (variance) term is left unweighted."""
+    if cfg.loss_weighting == "none":
+        return torch.ones(index.shape, device=index.device)
+    alpha_bar = diffusion.schedule.alphas_cumprod.to(index.device, torch.float32)[index]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=cfg.min_snr_gamma) / snr
+
+
 def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, token_mask: torch.Tensor,
-               autocast: bool) -> dict[str, torch.Tensor]:
-    """One optimisation step on a fresh batch; returns detached per-batch means of loss, mse, vb (0-dim tensors)."""
+               autocast: bool) -> dict[str, torch.Tensor] | None:
+    """One optimisation step on a fresh batch; returns detached per-batch means of loss, mse, vb, grad_norm (0-dim
+    tensors), or None when the loss or gradient was not finite and the update was skipped."""
     cfg, module = state.cfg, state.module
     device = token_ids.device
     videos, caption_ids = shapes.sample_batch(cfg.batch_size, state.data_generator, cfg.split, cfg.spec(), device)
@@ -254,10 +299,18 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         y = module.encode_text(ids, mask)  # [B, 1, L, C_cap]
         terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask})
-    loss = terms["loss"].mean()
+    loss = (mse_weights(cfg, diffusion, index) * terms["mse"] + terms["vb"]).mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+    # A non-finite loss or gradient would turn every weight into NaN: skip that update (one sync per step).
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        if state.skipped_steps > MAX_SKIPPED_STEPS:
+            raise FloatingPointError(f"step {state.step}: more than {MAX_SKIPPED_STEPS} steps with a non-finite loss "
+                                     "or gradient; lower --lr, or resume from the last checkpoint")
+        return None
     state.optimizer.step()
     update_ema(state.ema, module, min(cfg.ema_decay, (1 + state.step) / (10 + state.step)))
     state.step += 1
@@ -278,7 +331,8 @@ def git_sha() -> str:
 
 def model_metadata(state: TrainState) -> dict:
     cfg = state.cfg
-    return {"recipe": dataclasses.asdict(cfg), "seed": cfg.seed, "step": state.step,
+    return {"recipe": dataclasses.asdict(cfg), "seed": cfg.seed, "step": state.step, "steps_before": state.steps_before,
+            "skipped_steps": state.skipped_steps,
             "train_seconds": round(state.train_seconds, 1),
             "data": {"generator": "t2v.data.shapes", "spec": dataclasses.asdict(cfg.spec()), "split": cfg.split,
                      "heldout_rule": "(colour + 2*shape + motion) % 5 == 0"},
@@ -425,6 +479,9 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
             print_fn(f"time budget of {cfg.max_minutes} min spent at step {state.step}")
             break
         terms = train_step(state, diffusion, token_ids, token_mask, autocast)
+        if terms is None:
+            print_fn(f"step {state.step}: non-finite loss or gradient, update skipped ({state.skipped_steps} so far)")
+            continue
         sums = terms if sums is None else {k: sums[k] + v for k, v in terms.items()}
         interval_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
@@ -447,9 +504,12 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
     extra = {}
     if cfg.eval_prompts > 0:
         extra = evaluate(state.ema, cfg, device, outdir)
-        for split in ("heldout", "train"):
-            print_fn(f"checker accuracy on {cfg.eval_prompts} {split} captions ({cfg.eval_steps} IDDPM steps, CFG "
-                     f"{cfg.eval_cfg_scale}): {extra['eval'][split]['accuracy']}")
+        # the raw (non-EMA) weights too: early in training the EMA can lag behind them
+        extra["eval_raw_weights"] = evaluate(state.module, cfg, device, None)["eval"]
+        for key, name in (("eval", "EMA"), ("eval_raw_weights", "raw")):
+            for split in ("heldout", "train"):
+                print_fn(f"checker accuracy, {name} weights, {cfg.eval_prompts} {split} captions ({cfg.eval_steps} "
+                         f"IDDPM steps, CFG {cfg.eval_cfg_scale}): {extra[key][split]['accuracy']}")
     write_outputs(state, outdir, state_path, extra)
     size_mb = os.path.getsize(outdir / MODEL_NAME) / 1e6
     print_fn(f"saved {outdir / MODEL_NAME} ({size_mb:.1f} MB, step {state.step}) and {state_path}")

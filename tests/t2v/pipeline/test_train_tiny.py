@@ -14,7 +14,7 @@ from t2v.pipeline.build import build_model
 from t2v.pipeline.config import ConfigError, load_inference_config
 from t2v.pipeline.sample import build_pipeline, generate_videos
 from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
-                                     new_state, train, train_step)
+                                     mse_weights, new_state, train, train_step)
 from t2v.pipeline.video_io import read_video
 from t2v.schedulers.iddpm import IDDPM
 from t2v.scripts import train_tiny as train_tiny_cli
@@ -151,3 +151,42 @@ def test_default_model_fits_the_25_mb_budget():
     assert isinstance(module, TinyT2V) and module.dit.num_temporal * module.dit.num_spatial == 1024
     size = sum(v.numel() * v.element_size() for v in tiny_state_dict(module, torch.float16).values())
     assert size < 20e6, f"{size / 1e6:.1f} MB"
+
+
+def test_min_snr_weights_follow_the_formula():
+    diffusion = IDDPM(num_sampling_steps=1000)
+    index = torch.tensor([0, 100, 500, 999])
+    alpha_bar = diffusion.schedule.alphas_cumprod[index]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=snr.dtype)) / snr
+    weights = mse_weights(TrainConfig(loss_weighting="min_snr", min_snr_gamma=5.0), diffusion, index)
+    torch.testing.assert_close(weights, expected.float())
+    assert weights[0] < 1e-3 and weights[-1] == 1.0  # low noise damped, high noise (SNR < gamma) untouched
+    assert torch.equal(mse_weights(TrainConfig(), diffusion, index), torch.ones(4))
+    with pytest.raises(ValueError, match="loss_weighting"):
+        TrainConfig(loss_weighting="snr")
+
+
+def test_init_from_loads_the_weights_and_counts_their_steps(trained):
+    source = trained / MODEL_NAME
+    state = new_state(TrainConfig(init_from=str(source), **MICRO), torch.device("cpu"))
+    shipped = load_file(source)
+    for name, value in tiny_state_dict(state.module).items():
+        assert torch.equal(value, shipped[name].float()), name
+    assert state.steps_before == read_tiny_metadata(source)["step"] == 3
+    with pytest.raises(ValueError, match="another architecture.*hidden_size"):
+        new_state(TrainConfig(init_from=str(source), **{**MICRO, "hidden_size": 64}), torch.device("cpu"))
+
+
+def test_a_non_finite_gradient_skips_the_update():
+    cfg = TrainConfig(**MICRO)
+    state = new_state(cfg, torch.device("cpu"))
+    token_ids, token_mask = caption_token_table(state.module, torch.device("cpu"))
+    diffusion = IDDPM(num_sampling_steps=1000)
+    with torch.no_grad():
+        state.module.dit.final_layer.linear.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in tiny_state_dict(state.module).items()}
+    assert train_step(state, diffusion, token_ids, token_mask, autocast=False) is None
+    after = tiny_state_dict(state.module)
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "dit.final_layer.linear.bias")
+    assert state.step == 0 and state.skipped_steps == 1 and not state.optimizer.state
