@@ -8,9 +8,16 @@ the layers which timestep runs, initialise balancing and static ranges, save and
     set_timestep(qmodel, step_index=0, num_steps=100)           # before each sampling step
     save_quant_params(qmodel, qcfg, "logs/run/quant_params.safetensors")
 
+Timesteps reach the layers through `set_timestep` (stage 5: once per sampling step; calibration:
+`forward_per_step` runs rows of mixed steps in groups). A step selects two things in every layer:
+its timestep range (`calib.timestep_ranges` R: steps split into R equal consecutive groups, each with
+its own smoothing scales, static activation ranges and weight ranges) and, with per-timestep-range
+bit maps (ViDiT-Q's t20_*/t100_* files), its weight and activation bits.
+
 The quant-params file is safetensors holding every QuantLinear tensor except the base weight and bias
-(those come from the model checkpoint), with a JSON header: the resolved config and a table of the
-quantized layers (shape, bits, frames). Loading compares both and names what differs.
+(those come from the model checkpoint), with a JSON header: the resolved config, a table of the
+quantized layers (shape, bits, frames, ranges, per-step bits) and the per-range bit maps. Loading
+compares them and names what differs.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -47,21 +54,39 @@ def quantize_model(model: nn.Module, qconfig: QuantConfig, adapter: str | ModelA
     resolve to floating point, stay `nn.Linear`. Quantization starts switched off (the model computes
     exactly what it did); use `set_quant_state`. The adapter names model facts (which layers are
     temporal and how many frames they see); without one every layer is treated as a plain linear.
+
+    With per-timestep-range bit maps (which must hold plan steps 0..N−1 without gaps), a layer whose
+    bits differ between ranges gets `step_bits` (its configs take the base bits, or the first quantized
+    width if the base is floating point); a layer with the same bits in every range is a plain layer
+    at those bits.
     """
     adapter = get_adapter(adapter)
     num_ranges = qconfig.calib.timestep_ranges
+    qconfig.check_step_segments()
+    segments = qconfig.step_segments()
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
         raise ValueError("quantize_model: the model has no nn.Linear layers to quantize")
     for name, linear in targets:
-        w_bits, a_bits = qconfig.resolve_bits(name)
-        if w_bits is None and a_bits is None:
+        base = qconfig.resolve_bits(name)
+        step_bits = []
+        for low, high in segments:  # merging neighbours with equal bits
+            bits = qconfig.resolve_bits(name, low)
+            if step_bits and step_bits[-1][2:] == bits:
+                step_bits[-1] = (step_bits[-1][0], high, *bits)
+            else:
+                step_bits.append((low, high, *bits))
+        if len(step_bits) == 1:  # the same bits at every plan step
+            base, step_bits = step_bits[0][2:], []
+        w_widths = [w for w in (base[0], *(segment[2] for segment in step_bits)) if w is not None]
+        a_widths = [a for a in (base[1], *(segment[3] for segment in step_bits)) if a is not None]
+        if not w_widths and not a_widths:
             continue
-        weight_cfg = None if w_bits is None else dataclasses.replace(qconfig.weight, bits=w_bits)
-        act_cfg = None if a_bits is None else dataclasses.replace(qconfig.act, bits=a_bits)
+        weight_cfg = dataclasses.replace(qconfig.weight, bits=w_widths[0]) if w_widths else None
+        act_cfg = dataclasses.replace(qconfig.act, bits=a_widths[0]) if a_widths else None
         tqe = qconfig.tqe if weight_cfg is not None else None
-        layer = QuantLinear.from_linear(linear, weight_cfg, act_cfg, tqe=tqe,
-                                        num_frames=adapter.num_frames_for(name, model), num_ranges=num_ranges)
+        layer = QuantLinear.from_linear(linear, weight_cfg, act_cfg, tqe=tqe, num_frames=adapter.num_frames_for(name, model),
+                                        num_ranges=num_ranges, step_bits=tuple(step_bits))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
@@ -95,14 +120,57 @@ def quant_state(model: nn.Module, weight: bool, act: bool):
 
 
 def set_timestep(model: nn.Module, step_index: int, num_steps: int) -> None:
-    """Tell every layer which sampling step runs (0 = first, noisiest): selects its timestep range.
+    """Tell every layer which sampling step runs (0 = first, noisiest): selects its timestep range and,
+    for layers with per-timestep bits, the bits of plan step num_steps − 1 − step_index.
 
     With R timestep ranges (`calib.timestep_ranges`), steps are split into R equal consecutive groups.
+    Raises ValueError when a per-range bit map was made for another number of steps or leaves the step out.
     """
     if not 0 <= step_index < num_steps:
         raise ValueError(f"set_timestep: step_index must be in 0..{num_steps - 1}, got {step_index}")
-    for _, layer in quant_layers(model):
+    plan_step = num_steps - 1 - step_index
+    for name, layer in quant_layers(model):
         layer.set_range_index(step_index * layer.num_ranges // num_steps)
+        if not layer.step_bits:
+            continue
+        last = layer.step_bits[-1][1]
+        if last != num_steps - 1:
+            raise ValueError(f"set_timestep: the per-timestep-range bit map of {name} covers plan steps up to {last} "
+                             f"(a {last + 1}-step sampler) but sampling runs {num_steps} steps")
+        try:
+            layer.select_plan_step(plan_step)
+        except ValueError as error:
+            raise ValueError(f"set_timestep: sampling step {step_index} of {num_steps}, layer {name}: {error}") from None
+
+
+def step_key(model: nn.Module, step_index: int, num_steps: int) -> tuple:
+    """Equal for two steps exactly when `set_timestep` selects the same range and bits in every layer."""
+    plan_step = num_steps - 1 - step_index
+    return tuple((step_index * layer.num_ranges // num_steps, layer.plan_segment(plan_step))
+                 for _, layer in quant_layers(model) if layer.num_ranges > 1 or layer.step_bits)
+
+
+def forward_per_step(model: nn.Module, steps: Sequence[int], num_steps: int,
+                     forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run rows of mixed sampling steps, each with its own step's parameters.
+
+    Args:
+        steps: [n] the sampling step (0 = first) of each row.
+        forward: row indices (LongTensor [m]) -> output [m, ...] of the model on those rows.
+    Rows whose steps share a `step_key` run in one call, after `set_timestep` to their first step.
+    Returns the outputs [n, ...] in row order (differentiable).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for row, step in enumerate(steps):
+        groups.setdefault(step_key(model, int(step), num_steps), []).append(row)
+    outputs, order = [], []
+    for rows in groups.values():
+        set_timestep(model, int(steps[rows[0]]), num_steps)
+        outputs.append(forward(torch.tensor(rows)))
+        order += rows
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs)[torch.argsort(torch.tensor(order))]
 
 
 @torch.no_grad()
@@ -113,6 +181,9 @@ def calibrate_balancing(model: nn.Module, qconfig: QuantConfig, run_calibration:
     1. activation statistics (momentum of per-channel absmax) on the unbalanced model;
     2. smoothing scales s = max|X|^α / max|W|^(1−α) and/or the Hadamard rotation are installed;
     3. if activations are static, their ranges are observed on the balanced inputs.
+    Statistics and static ranges go to the timestep range each forward runs in: with R > 1,
+    `run_calibration` must select it (`set_timestep`, or `forward_per_step` for mixed rows), and
+    every range must see some rows.
     """
     method = qconfig.balance.method
     static = any(isinstance(layer.act_quantizer, StaticActQuantizer) for _, layer in quant_layers(model))
@@ -132,9 +203,13 @@ def install_balance(layer: QuantLinear, qconfig: QuantConfig) -> None:
     method = qconfig.balance.method
     scale = rotation = None
     if method in ("smooth", "smooth_rotate"):
-        if int(layer.act_stats_count) == 0:
-            raise RuntimeError("install_balance: no activation statistics recorded (run calibration first)")
-        scale = smooth_scales(layer.act_absmax, layer.weight, qconfig.balance.alpha)
+        counts = layer.act_stats_count.view(-1).tolist()
+        empty = [r for r, count in enumerate(counts) if count == 0]
+        if empty:
+            raise RuntimeError(f"install_balance: no activation statistics recorded for timestep range(s) {empty} of "
+                               f"{layer.num_ranges} (run calibration first, with rows of every range's steps)")
+        stats = layer.act_absmax.view(layer.num_ranges, -1)
+        scale = torch.stack([smooth_scales(row, layer.weight, qconfig.balance.alpha) for row in stats])  # [R, d_in]
     if method in ("rotate", "smooth_rotate"):
         rotation = hadamard(layer.in_features, device=layer.weight.device)
     layer.set_balance(smooth_scale=scale, rotation=rotation)
@@ -162,12 +237,14 @@ def _observe(model: nn.Module, stats: bool, static: bool):
 
 @torch.no_grad()
 def init_weight_quantizers(model: nn.Module) -> None:
-    """Initialise every weight quantizer's range now (grid search on W' + B·A, every timestep range)."""
+    """Initialise every weight quantizer's range now (grid search on W' + B·A, every timestep range and
+    every weight width of per-timestep bits)."""
     for _, layer in quant_layers(model):
         if layer.weight_quantizer is None or layer.folded_weight is not None:
             continue
         for r in range(layer.num_ranges):
-            layer.effective_weight(r)
+            for bits in layer.weight_bit_widths:
+                layer.effective_weight(r, bits=bits)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -189,8 +266,9 @@ def fold_model(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------ save / load
 def _layer_table(model: nn.Module) -> dict[str, dict]:
-    return {
-        name: {
+    table = {}
+    for name, layer in quant_layers(model):
+        table[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "w_bits": layer.weight_cfg.bits if layer.weight_cfg else None,
@@ -199,8 +277,9 @@ def _layer_table(model: nn.Module) -> dict[str, dict]:
             "num_ranges": layer.num_ranges,
             "folded": layer.folded_weight is not None,
         }
-        for name, layer in quant_layers(model)
-    }
+        if layer.step_bits:  # only then: files of layers without per-step bits keep their table
+            table[name]["step_bits"] = [list(segment) for segment in layer.step_bits]
+    return table
 
 
 def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -221,12 +300,13 @@ def save_quant_params(model: nn.Module, qconfig: QuantConfig, path, overwrite: b
         "format_version": FORMAT_VERSION,
         "config": json.dumps(qconfig.to_dict(), sort_keys=True),
         "layers": json.dumps(_layer_table(model), sort_keys=True),
+        "bit_ranges": json.dumps(qconfig.range_maps(), sort_keys=True),
     }
     return save_safetensors_atomic(_quant_state(model), path, metadata=meta, overwrite=overwrite)
 
 
 def read_quant_params_header(path) -> dict:
-    """-> dict(config=..., layers=...) from a quant-params file's header."""
+    """-> dict(config=..., layers=..., bit_ranges=...) from a quant-params file's header."""
     path = Path(path)
     if not path.is_file():
         raise QuantParamsError(f"quant params not found: {path} (run the calibration stage first)")
@@ -237,7 +317,8 @@ def read_quant_params_header(path) -> dict:
         raise QuantParamsError(f"{path} is not a safetensors quant-params file: {exc}") from None
     if meta.get("format") != "qdiff-quant-params":
         raise QuantParamsError(f"{path} is not a qdiff quant-params file (header has no format 'qdiff-quant-params')")
-    return {"config": json.loads(meta["config"]), "layers": json.loads(meta["layers"])}
+    return {"config": json.loads(meta["config"]), "layers": json.loads(meta["layers"]),
+            "bit_ranges": json.loads(meta.get("bit_ranges", "{}"))}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -262,6 +343,7 @@ def load_quant_params(model: nn.Module, qconfig: QuantConfig, path) -> None:
     saved_cfg = {k: header["config"].get(k) for k in MODEL_SECTIONS}
     current_cfg = {k: qconfig.to_dict().get(k) for k in MODEL_SECTIONS}
     diffs = config_differences(saved_cfg, current_cfg)
+    diffs += config_differences(header["bit_ranges"], qconfig.range_maps(), "per-range bit map ")
     saved_layers, current_layers = header["layers"], _layer_table(model)
     missing = sorted(set(saved_layers) - set(current_layers))
     extra = sorted(set(current_layers) - set(saved_layers))

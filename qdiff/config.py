@@ -93,6 +93,30 @@ def _real(positive: bool) -> Callable[[str, Any], float]:
     return check
 
 
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _count_or(*words: str) -> Callable[[str, Any], int | str]:
+    """An int >= 0, or one of `words`."""
+    count = _integer(0)
+
+    def check(key: str, value: Any) -> int | str:
+        if isinstance(value, str) and value in words:
+            return value
+        try:
+            return count(key, value)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected an int >= 0 or one of {list(words)}, got {value!r}") from None
+
+    return check
+
+
 def _optional_path(key: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
         raise ConfigError(f"{key}: expected a file path or null, got {value!r}")
@@ -152,6 +176,9 @@ class DistillConfig:
     checkpoint_every: int = 500
     seed: int = 42
     weight_decay: float = 0.01  # AdamW default
+    fp_targets: str = "precompute"  # FP outputs once per calibration row ("online": teacher every iteration)
+    fused_weights: bool = False  # W_eff once per iteration, fused forward + STE backward (slower on an H100)
+    checkpoint_blocks: int | str = "auto"  # blocks recomputed in backward: "auto" (fit memory), "all" or a count
 
     def __post_init__(self) -> None:
         _check_fields(self, {
@@ -168,6 +195,9 @@ class DistillConfig:
             "checkpoint_every": _integer(1),
             "seed": _integer(0),
             "weight_decay": _real(positive=False),
+            "fp_targets": _choice("precompute", "online"),
+            "fused_weights": _boolean,
+            "checkpoint_blocks": _count_or("auto", "all"),
         })
 
     def to_dict(self) -> dict[str, Any]:
@@ -387,27 +417,75 @@ class QuantConfig:
         """True if `layer_name` lies inside a floating-point prefix."""
         return is_fp(layer_name, self.resolved_fp_layers)
 
+    def applied_plans(self) -> dict[str, BitPlan]:
+        """The mixed-precision maps in use: {'weight': plan, 'act': plan}, each present only when its
+        file is set and the base bits are at or below its `*_apply_below` threshold."""
+        mixed, plans = self.mixed_precision, {}
+        if self.weight_plan is not None and self.weight.bits <= mixed.weight_bits_apply_below:
+            plans["weight"] = self.weight_plan
+        if self.act_plan is not None and self.act.bits <= mixed.act_bits_apply_below:
+            plans["act"] = self.act_plan
+        return plans
+
     def resolve_bits(self, layer_name: str, range_key: str | int | None = None) -> tuple[int | None, int | None]:
         """(weight bits, activation bits) of a linear layer; None = keep in floating point.
 
         FP layers give (None, None). Otherwise the base bits, replaced by the mixed-precision
         maps when the base is at or below their `*_apply_below` threshold (reference rule:
         weight map for W <= 4, act map for A <= 6). A map entry of 16/'fp' gives None.
-        `range_key` selects the timestep range of per-range maps ('99-75' or a step index).
+        `range_key` selects the timestep range of per-range maps ('99-75' or a plan step, see
+        `qdiff.mixed_precision.plan`); without it a per-range map gives its base bits (the
+        config's), which apply outside sampling.
         """
         if self.is_fp(layer_name):
             return None, None
-        mixed = self.mixed_precision
-        weight_bits: int | None = self.weight.bits
-        act_bits: int | None = self.act.bits
-        if self.weight_plan is not None and self.weight.bits <= mixed.weight_bits_apply_below:
-            weight_bits = self.weight_plan.bits_for(layer_name, range_key)
-        if self.act_plan is not None and self.act.bits <= mixed.act_bits_apply_below:
-            act_bits = self.act_plan.bits_for(layer_name, range_key)
-        return (
-            None if weight_bits == FP_BITS else weight_bits,
-            None if act_bits == FP_BITS else act_bits,
-        )
+        bits = {"weight": self.weight.bits, "act": self.act.bits}
+        for kind, plan in self.applied_plans().items():
+            bits[kind] = plan.base_bits(layer_name) if range_key is None else plan.bits_for(layer_name, range_key)
+        return tuple(None if b == FP_BITS else b for b in (bits["weight"], bits["act"]))
+
+    def step_segments(self) -> tuple[tuple[int, int], ...]:
+        """Plan-step intervals (low, high), ascending, on which every applied per-range map is constant.
+
+        () when no applied map has timestep ranges. A step that some applied map's ranges do not
+        hold lies in no segment.
+        """
+        plans = [plan for plan in self.applied_plans().values() if plan.range_overrides]
+        if not plans:
+            return ()
+        segments: list[list[int]] = []
+        last_keys = None
+        for step in sorted(set.intersection(*(plan.range_steps() for plan in plans))):
+            keys = tuple(plan.range_key_for_step(step) for plan in plans)
+            if segments and keys == last_keys and segments[-1][1] == step - 1:
+                segments[-1][1] = step
+            else:
+                segments.append([step, step])
+            last_keys = keys
+        return tuple((low, high) for low, high in segments)
+
+    def check_step_segments(self, num_steps: int | None = None) -> None:
+        """Raise ConfigError unless every applied per-range map holds exactly plan steps 0..num_steps−1
+        (None: 0 up to the maps' last step, without gaps)."""
+        plans = [plan for plan in self.applied_plans().values() if plan.range_overrides]
+        if num_steps is None and plans:
+            num_steps = max(max(plan.range_steps()) for plan in plans) + 1
+        for plan in plans:
+            covered = plan.range_steps()
+            missing = sorted(set(range(num_steps)) - covered)
+            if missing or max(covered) != num_steps - 1:
+                raise ConfigError(
+                    f"mixed_precision: {plan.source}: its timestep ranges hold plan steps {min(covered)}..{max(covered)} "
+                    f"({len(covered)} steps); a {num_steps}-step sampler needs 0..{num_steps - 1}"
+                    + (f"; steps {missing[:8]} are in no range" if missing else "")
+                )
+
+    def range_maps(self) -> dict[str, dict[str, dict[str, int]]]:
+        """The applied per-range maps as plain data: {'weight'|'act': {'99-75': {layer: bits}}}."""
+        return {
+            kind: {key: dict(mapping) for key, mapping in plan.range_overrides.items()}
+            for kind, plan in self.applied_plans().items() if plan.range_overrides
+        }
 
 
 # ---------------------------------------------------------------------------------------------

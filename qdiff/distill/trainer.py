@@ -13,6 +13,19 @@ training; activations only if `cfg.quantize_activations` (the reference trains w
 On CUDA the student forward runs under bf16 autocast (TQE parameters and the loss stay fp32); on
 CPU everything is fp32.
 
+Speed (issue 4):
+- `cfg.fused_weights` (default): every layer's W_eff is formed once per iteration, outside the
+  blocks and outside autocast, with a fused forward and a hand-written straight-through backward
+  (`qdiff.distill.weights`); values and gradients equal the per-call autograd chain bit for bit on
+  CPU. On CUDA B·A is now an fp32 product, as at inference; false = each layer call rebuilds W_eff
+  under autocast (B·A in bf16 there), the behaviour before.
+- Gradient checkpointing of `checkpoint_modules` (the caller's blocks) when `cfg.grad_checkpointing`:
+  `cfg.checkpoint_blocks` of them, the first ones ("all", an int, or "auto": on CUDA the fewest
+  whose measured peak fits 85% of the device memory, from probe steps (forward + backward, no
+  optimizer step) before the loop; on CPU all). Which blocks are recomputed changes nothing else.
+- The teacher is whatever `teacher_fn` does: stage 4 passes targets computed once per calibration
+  row (`t2v.pipeline.calib_data.fp_targets`) instead of running the FP model every iteration.
+
 Timestep ranges: a batch mixes timesteps (rows are drawn from all (step, row) pairs), so a model whose
 layers keep several timestep ranges (`num_ranges > 1`) cannot pick one range per forward; `distill`
 raises NotImplementedError for such models instead of silently training range 0 only.
@@ -37,7 +50,7 @@ import logging
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,7 +60,9 @@ from tqdm import tqdm
 
 from qdiff.api import quant_layers, quant_state, trainable_parameters
 from qdiff.config import DistillConfig
+from qdiff.distill.checkpointing import auto_checkpoint_count, checkpointed
 from qdiff.distill.tmd import distill_loss
+from qdiff.distill.weights import weights_once
 from qdiff.io import save_safetensors_atomic
 
 __all__ = ["CHECKPOINT_NAME", "DistillDivergedError", "DistillStateError", "distill"]
@@ -57,7 +72,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "distill_state.safetensors"
 _FORMAT = "qdiff-distill-state"
 # DistillConfig fields that may change between a run and its resume (they do not change the result).
-_RESUME_FREE_FIELDS = ("enabled", "checkpoint_every", "grad_checkpointing")
+_RESUME_FREE_FIELDS = ("enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks")
+# "auto" checkpointing: the share of the device memory (free + held by this process) a step may peak at.
+_AUTO_MEMORY_FRACTION = 0.85
 
 Batch = dict[str, Any]
 
@@ -91,13 +108,14 @@ def distill(
     student_fn: Callable[[Batch], torch.Tensor] | None = None,
     overwrite: bool = False,
     log_every: int = 100,
+    checkpoint_modules: Sequence[nn.Module] = (),
 ) -> dict:
     """Distill `student` (a model holding QuantLinear layers) towards `teacher_fn`'s outputs.
 
     Args:
         student: the quantized model; its quantizers should be initialised (`init_weight_quantizers`).
         teacher_fn: batch -> FP target [B, C, T, H, W]; called under no_grad (the caller must make
-            it the FP computation, e.g. quantization switched off).
+            it the FP computation, e.g. quantization switched off, or look up precomputed targets).
         batches: iteration index (0-based) -> batch; must be a pure function of the index (and rank).
         cfg: the `distill` section of the QuantConfig.
         ckpt_dir: folder of `distill_state.safetensors`.
@@ -106,9 +124,12 @@ def distill(
         log_fn: called every `log_every` iterations and at the end with the latest history entry.
         student_fn: batch -> student output [B, C, T, H, W]; default `student(**batch)`.
         overwrite: without `resume`, replace an existing checkpoint (else FileExistsError).
+        checkpoint_modules: the blocks gradient checkpointing may cover (the first
+            `cfg.checkpoint_blocks` of them are recomputed in the backward pass).
     Returns:
         dict(history=[{iteration, loss, mse, tmd, lr}, ...] for every iteration 1..N (1-based,
-        iteration k = after k optimizer steps), resumed_from=int or None, checkpoint=Path).
+        iteration k = after k optimizer steps), resumed_from=int or None, checkpoint=Path,
+        checkpointed_blocks=int).
     Raises:
         DistillDivergedError on a NaN/Inf loss or gradient (nothing non-finite is ever checkpointed).
     """
@@ -146,48 +167,62 @@ def distill(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
-    with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations):
-        for iteration in range(start, cfg.iterations):
-            batch = batches(iteration)
-            with torch.no_grad():
-                target = teacher_fn(batch).float()
+    weights = (lambda: weights_once(student)) if cfg.fused_weights else nullcontext
+
+    def forward_backward(batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch, its gradients accumulated into the zeroed .grad of the trainable tensors."""
+        with torch.no_grad():
+            target = teacher_fn(batch).float().detach()  # a constant, whatever teacher_fn returns
+        with weights():
             with autocast:
                 pred = student_fn(batch)
             loss, terms = distill_loss(pred.float(), target, lam=cfg.tmd_lambda, use_tmd=cfg.tmd,
                                        reference_layout=cfg.tmd_reference_layout)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            grads_finite = _average_gradients(trainable, world_size)
-            values = torch.stack([loss.detach(), terms["mse"].detach(), terms["tmd"].detach(), grads_finite])
-            if world_size > 1:
-                dist.all_reduce(values)  # sum; the loss is averaged below, the flags counted
-                values[:3] /= world_size
-            loss_value, mse_value, tmd_value, finite_ranks = values.tolist()
-            if not math.isfinite(loss_value):
-                raise DistillDivergedError(iteration + 1, last_good, f"loss is {loss_value}")
-            if finite_ranks < world_size:
-                raise DistillDivergedError(iteration + 1, last_good, "a gradient is NaN/Inf")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            entry = {"iteration": iteration + 1, "loss": loss_value, "mse": mse_value, "tmd": tmd_value, "lr": lr}
-            history.append(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4g}", mse=f"{mse_value:.4g}", tmd=f"{tmd_value:.3g}")
-            done = iteration + 1 == cfg.iterations
-            if log_fn is not None and ((iteration + 1) % log_every == 0 or done):
-                log_fn(dict(entry))
-            if (iteration + 1) % cfg.checkpoint_every == 0 or done:
-                if not all(torch.isfinite(p).all() for p in trainable):  # belt and braces: never save NaN
-                    raise DistillDivergedError(iteration + 1, last_good, "a trainable tensor is NaN/Inf")
-                if rank == 0:
-                    _save_state(ckpt_path, iteration + 1, names, trainable, optimizer, scheduler, history, cfg)
+        return loss, terms
+
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
+    modules = list(checkpoint_modules)
+    with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations):
+        num_checkpointed = _checkpoint_count(cfg, modules, device, lambda: forward_backward(batches(start)),
+                                             probe=start < cfg.iterations)
+        if rank == 0 and modules:
+            log.info("gradient checkpointing: %d of %d blocks", num_checkpointed, len(modules))
+        with checkpointed(modules[:num_checkpointed]):
+            for iteration in range(start, cfg.iterations):
+                loss, terms = forward_backward(batches(iteration))
+                grads_finite = _average_gradients(trainable, world_size)
+                values = torch.stack([loss.detach(), terms["mse"].detach(), terms["tmd"].detach(), grads_finite])
                 if world_size > 1:
-                    dist.barrier()
-                last_good = ckpt_path
+                    dist.all_reduce(values)  # sum; the loss is averaged below, the flags counted
+                    values[:3] /= world_size
+                loss_value, mse_value, tmd_value, finite_ranks = values.tolist()
+                if not math.isfinite(loss_value):
+                    raise DistillDivergedError(iteration + 1, last_good, f"loss is {loss_value}")
+                if finite_ranks < world_size:
+                    raise DistillDivergedError(iteration + 1, last_good, "a gradient is NaN/Inf")
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                entry = {"iteration": iteration + 1, "loss": loss_value, "mse": mse_value, "tmd": tmd_value, "lr": lr}
+                history.append(entry)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4g}", mse=f"{mse_value:.4g}", tmd=f"{tmd_value:.3g}")
+                done = iteration + 1 == cfg.iterations
+                if log_fn is not None and ((iteration + 1) % log_every == 0 or done):
+                    log_fn(dict(entry))
+                if (iteration + 1) % cfg.checkpoint_every == 0 or done:
+                    if not all(torch.isfinite(p).all() for p in trainable):  # belt and braces: never save NaN
+                        raise DistillDivergedError(iteration + 1, last_good, "a trainable tensor is NaN/Inf")
+                    if rank == 0:
+                        _save_state(ckpt_path, iteration + 1, names, trainable, optimizer, scheduler, history, cfg)
+                    if world_size > 1:
+                        dist.barrier()
+                    last_good = ckpt_path
     bar.close()
-    return {"history": history, "resumed_from": resumed_from, "checkpoint": ckpt_path}
+    return {"history": history, "resumed_from": resumed_from, "checkpoint": ckpt_path,
+            "checkpointed_blocks": num_checkpointed}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -195,6 +230,27 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _checkpoint_count(cfg: DistillConfig, modules: list[nn.Module], device: torch.device, step: Callable[[], Any],
+                      probe: bool) -> int:
+    """How many of `modules` (the first ones) to checkpoint; "auto" runs `step` (one forward + backward) to measure."""
+    if not cfg.grad_checkpointing or not modules:
+        return 0
+    if cfg.checkpoint_blocks != "auto":
+        return len(modules) if cfg.checkpoint_blocks == "all" else min(cfg.checkpoint_blocks, len(modules))
+    if device.type != "cuda" or not probe:
+        return len(modules)
+
+    def peak_bytes(count: int) -> int:
+        torch.cuda.reset_peak_memory_stats(device)
+        with checkpointed(modules[:count]):
+            step()
+        return torch.cuda.max_memory_allocated(device)
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return auto_checkpoint_count(len(modules), peak_bytes,
+                                 _AUTO_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device)))
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:

@@ -3,7 +3,9 @@
 Two YAML shapes are accepted (METHOD.md §3):
 - flat: `{layer.name: bits}` (Q-VDiT's `weight_*_mp.yaml`, `act_*_mp.yaml`);
 - per timestep range: `{"99-75": {layer.name: bits}, ...}` (ViDiT-Q's `t20_*`/`t100_*`),
-  keyed by sampling-step ranges "high-low" (inclusive).
+  keyed by sampling-step ranges "high-low" (inclusive). Steps count as the reference's sampling
+  loop does ("plan steps"): N−1 at the first, noisiest step of an N-step sampler down to 0 at the
+  last, so sampling step s (0 = first) is plan step N−1−s and '99-75' holds the first 25 of 100.
 Layer names may carry the reference's leading `model.` (its QuantModel wraps the DiT in
 `.model`); it is stripped so names match the DiT's own `named_modules()`.
 Bits are 2..8, or 16 / "fp" for "keep in floating point" (stored as `FP_BITS`).
@@ -79,11 +81,27 @@ class BitPlan:
                 normalize_layer_name(name): _parse_bits(bits, f"{self.source}: {range_key}.{name}")
                 for name, bits in mapping.items()
             })
+        spans = sorted((_parse_range(key), key) for key in ranges)
+        for (first, first_key), (second, second_key) in zip(spans, spans[1:]):
+            if second[0] <= first[1]:
+                raise ValueError(f"{self.source}: timestep ranges {first_key!r} and {second_key!r} overlap")
         object.__setattr__(self, "overrides", MappingProxyType(overrides))
         object.__setattr__(self, "range_overrides", MappingProxyType(ranges))
 
+    def base_bits(self, layer_name: str) -> int:
+        """Bits of `layer_name` outside the per-range sections: its flat entry, else `default_bits`."""
+        return self.overrides.get(normalize_layer_name(layer_name), self.default_bits)
+
+    def range_steps(self) -> set[int]:
+        """Every plan step that a range key holds (empty for a flat plan)."""
+        steps = set()
+        for key in self.range_overrides:
+            low, high = _parse_range(key)
+            steps.update(range(low, high + 1))
+        return steps
+
     def range_key_for_step(self, step: int) -> str:
-        """The range key whose inclusive 'high-low' interval holds sampling step `step`."""
+        """The range key whose inclusive 'high-low' interval holds plan step `step`."""
         for key in self.range_overrides:
             low, high = _parse_range(key)
             if low <= step <= high:
@@ -95,8 +113,8 @@ class BitPlan:
     def bits_for(self, layer_name: str, range_key: str | int | None = None) -> int:
         """Bits for `layer_name` (a leading `model.` is ignored); FP_BITS means floating point.
 
-        range_key: a range key such as '99-75', or a sampling step index (int) looked up in
-        the ranges. Required when the plan holds per-range overrides only.
+        range_key: a range key such as '99-75', or a plan step (int, see the module docstring)
+        looked up in the ranges. Required when the plan holds per-range overrides only.
         """
         name = normalize_layer_name(layer_name)
         if range_key is not None and self.range_overrides:
@@ -112,7 +130,7 @@ class BitPlan:
                 f"{self.source}: the plan is per timestep range ({list(self.range_overrides)}); "
                 "pass range_key"
             )
-        return self.overrides.get(name, self.default_bits)
+        return self.base_bits(name)
 
 
 def _read_yaml(path: Path) -> Any:

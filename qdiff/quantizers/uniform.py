@@ -236,11 +236,15 @@ class DynamicActQuantizer(nn.Module):
             raise ValueError(f"mode: DynamicActQuantizer needs 'dynamic_per_token', got {cfg.mode!r}")
         self.cfg = cfg
 
-    def forward(self, x: torch.Tensor, range_index: int = 0) -> torch.Tensor:
-        """x [..., C] (x [B, N, C] with reference grouping) -> x̂ same shape. `range_index` is unused."""
+    def forward(self, x: torch.Tensor, range_index: int = 0, bits: int | None = None) -> torch.Tensor:
+        """x [..., C] (x [B, N, C] with reference grouping) -> x̂ same shape, at `bits` (default cfg.bits).
+
+        `range_index` is unused (the ranges come from x itself).
+        """
+        bits = self.cfg.bits if bits is None else bits
         fused = not (self.cfg.reference_token_grouping or self.cfg.symmetric)
         if fused and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
-            return _shared_input_fake_quant(x, self.cfg.bits)  # one Triton pass; same math in fp32
+            return _shared_input_fake_quant(x, bits)  # one Triton pass; same math in fp32
         if self.cfg.reference_token_grouping:
             if x.dim() != 3:
                 raise ValueError(f"reference_token_grouping expects x [B, N, C], got shape {tuple(x.shape)}")
@@ -249,7 +253,7 @@ class DynamicActQuantizer(nn.Module):
         else:
             x_min = x.amin(dim=-1, keepdim=True).clamp(max=0.0)  # [..., 1]
             x_max = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
-        q_min, q_max = quant_range(self.cfg.bits, self.cfg.symmetric)
+        q_min, q_max = quant_range(bits, self.cfg.symmetric)
         if self.cfg.symmetric:
             delta = torch.maximum(-x_min, x_max) / q_max
         else:
@@ -260,7 +264,7 @@ class DynamicActQuantizer(nn.Module):
         else:
             delta = delta.clamp(min=_MIN_ACT_DELTA)
         zero_point = torch.zeros_like(delta) if self.cfg.symmetric else torch.round(-x_min / delta)
-        return fake_quant(x, delta, zero_point, self.cfg.bits, self.cfg.symmetric)
+        return fake_quant(x, delta, zero_point, bits, self.cfg.symmetric)
 
     def extra_repr(self) -> str:
         grouping = "reference_token_grouping" if self.cfg.reference_token_grouping else "per_row"
@@ -273,6 +277,8 @@ class StaticActQuantizer(nn.Module):
     While `observing` is True the forward returns x unchanged and widens the running
     [min, max] of range `range_index`; afterwards the frozen range quantizes. Buffers:
         x_min, x_max [R], observed [R] bool.
+    The statistics do not depend on the bit width: Δ and z are derived from [min, max] at each
+    forward, so one calibration serves every width a per-timestep bit plan selects.
     """
 
     def __init__(self, cfg: ActQuantConfig, num_ranges: int = 1):
@@ -300,22 +306,23 @@ class StaticActQuantizer(nn.Module):
         self.x_max[range_index] = batch_max
         self.observed[range_index] = True
 
-    def forward(self, x: torch.Tensor, range_index: int = 0) -> torch.Tensor:
-        """x [...] -> x̂ same shape (x itself while observing)."""
+    def forward(self, x: torch.Tensor, range_index: int = 0, bits: int | None = None) -> torch.Tensor:
+        """x [...] -> x̂ same shape at `bits` (default cfg.bits); x itself while observing."""
         if self.observing:
             self.observe(x, range_index)
             return x
         if not bool(self.observed[range_index]):
             raise RuntimeError(f"StaticActQuantizer: range {range_index} was never calibrated (set observing=True first)")
+        bits = self.cfg.bits if bits is None else bits
         x_min, x_max = self.x_min[range_index], self.x_max[range_index]
-        q_min, q_max = quant_range(self.cfg.bits, self.cfg.symmetric)
+        q_min, q_max = quant_range(bits, self.cfg.symmetric)
         if self.cfg.symmetric:
             delta = (torch.maximum(-x_min, x_max) / q_max).clamp(min=_MIN_ACT_DELTA)
             zero_point = torch.zeros_like(delta)
         else:
             delta = ((x_max - x_min) / q_max).clamp(min=_MIN_ACT_DELTA)
             zero_point = torch.round(-x_min / delta)
-        return fake_quant(x, delta.to(x.dtype), zero_point.to(x.dtype), self.cfg.bits, self.cfg.symmetric)
+        return fake_quant(x, delta.to(x.dtype), zero_point.to(x.dtype), bits, self.cfg.symmetric)
 
     def extra_repr(self) -> str:
         return f"bits={self.cfg.bits}, symmetric={self.cfg.symmetric}, num_ranges={self.num_ranges}"

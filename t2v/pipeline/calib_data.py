@@ -2,8 +2,9 @@
 
 What is stored (METHOD.md §5): for every calibration prompt and every sampling step, exactly what the DiT
 received (x_t, timestep, y, mask) for both CFG rows (row 0 = cond, row 1 = uncond, the sampler's
-`[cond; uncond]` convention with B = 1). The FP *targets* are not stored: stage 4 runs the FP model on these
-inputs online, as the reference does, so the data stay valid for any FP reference (and 2x smaller).
+`[cond; uncond]` convention with B = 1). The FP *targets* are not part of the capture: the model's output
+during sampling saw x before its bf16 storage rounding, so stage 4 computes them from the stored inputs
+with the FP model, once per sample (`fp_targets`), and caches them beside the shards.
 
 On-disk format: a directory holding
 
@@ -16,6 +17,9 @@ On-disk format: a directory holding
       metadata: "format" = "qvdit-calib-shard", "fingerprint" (JSON: prompt, seed, steps, x_dtype, config,
       checkpoint) so a rerun never mixes shards made with other settings.
     index.json                written atomically LAST (see `write_calib_index`): its presence means complete.
+    fp_targets_<key>.safetensors  written by stage 4 (`fp_targets`): the FP model's output for every kept
+                              sample, float32 [len(ds), C_out, T, H, W] (2 MiB per sample for STDiT-XL/2 at
+                              16x512x512), keyed by index.json, the kept steps and the FP model's weights.
 
 Steps are in sampling order: step 0 is the noisiest (respaced index N-1). A killed capture leaves complete
 shards (each is written atomically) and no index.json; rerunning skips those shards unless `overwrite`.
@@ -23,6 +27,7 @@ shards (each is written atomically) and no index.json; rerunning skips those sha
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
 
 from qdiff.io import atomic_path, save_safetensors_atomic
 
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 FORMAT = "qvdit-calib-data"
 VERSION = 1
 SHARD_FORMAT = "qvdit-calib-shard"
+TARGETS_FORMAT = "qvdit-fp-targets"
 INDEX_NAME = "index.json"
 X_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Config keys that do not change what the DiT sees (where outputs go, how prompts were listed/batched).
@@ -137,7 +146,7 @@ def capture_calib_data(pipe, prompts: Sequence[str], prompt_indices: Sequence[in
         ckpt_path: recorded in the shards/index (the pipeline does not keep it).
         write_index: write index.json for exactly these prompts at the end. Under torchrun every rank
             captures its share with write_index=False and rank 0 calls `write_calib_index` for all prompts.
-    Returns outdir. The FP targets are NOT stored: stage 4 computes them online from the FP model.
+    Returns outdir. The FP targets are not captured: stage 4 computes them once from these inputs (`fp_targets`).
     """
     outdir = Path(outdir)
     dtype_name = x_dtype_name(x_dtype)
@@ -320,7 +329,7 @@ class CalibDataset:
 
     def get(self, indices) -> dict[str, torch.Tensor]:
         """Samples by flat index -> dict(x float32 [n, C, T, H, W], timestep int64 [n], y float32 [n, 1, L, Cc],
-        mask int64 [n, L]), on the CPU."""
+        mask int64 [n, L], index int64 [n] (the flat indices)), on the CPU."""
         indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             raise IndexError(f"calibration sample index out of range 0..{len(self) - 1}")
@@ -332,6 +341,7 @@ class CalibDataset:
             "timestep": self.timesteps[step].clone(),
             "y": data["y"][prompt, row],
             "mask": data["mask"][prompt, row],
+            "index": indices.clone(),
         }
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -368,3 +378,78 @@ class CalibDataset:
         if diffs:
             raise CalibDataError(f"calibration data {self.path} were captured for another model or resolution: "
                                  + "; ".join(diffs) + " (recapture them with stage 3 for this config)")
+
+
+# ------------------------------------------------------------------------------------------ FP targets
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state (names, shapes, dtypes and bytes of every parameter and buffer)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def fp_targets(calib: CalibDataset, teacher_fn, model_key: str, batch_size: int = 4, progress: bool = True,
+               cache: bool = True) -> torch.Tensor:
+    """The FP model's output for every sample of `calib` -> float32 [len(calib), C_out, T, H, W] on the CPU.
+
+    Args:
+        teacher_fn: CPU batch (as `calib.get`) -> FP output [n, C_out, T, H, W] (any device).
+        model_key: identifies the FP model (`model_fingerprint`); part of the cache key.
+        batch_size: samples per teacher forward (consecutive samples: the two CFG rows of a step).
+        cache: read/write `fp_targets_<key>.safetensors` in the calibration-data folder (skipped with a
+            warning when the folder is read-only).
+    Under torch.distributed each rank computes every world_size-th batch and all ranks gather all;
+    rank 0 writes the cache. A target equals the FP model's output on its row up to fp32 rounding:
+    the online teacher's value also varies at that level with the other rows of its batch.
+    """
+    fingerprint = json.dumps({"index": hashlib.sha256((calib.path / INDEX_NAME).read_bytes()).hexdigest(),
+                              "steps": calib.steps, "model": model_key}, sort_keys=True)
+    path = calib.path / f"fp_targets_{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.safetensors"
+    targets = _read_targets(path, fingerprint, len(calib)) if cache else None
+    if targets is not None:
+        log.info("FP targets read from %s", path)
+        return targets
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    per_round = batch_size * world_size
+    kept = torch.arange(per_round)
+    for start in tqdm(range(0, len(calib), per_round), desc="FP targets", disable=not progress or rank != 0):
+        count = min(per_round, len(calib) - start)
+        rows = start + kept.clamp(max=count - 1)  # the last round padded with repeats of its last row
+        pred = teacher_fn(calib.get(rows[rank::world_size])).float().contiguous()
+        parts = [pred]
+        if world_size > 1:
+            parts = [torch.empty_like(pred) for _ in range(world_size)]
+            dist.all_gather(parts, pred)
+        if targets is None:
+            targets = torch.empty((len(calib), *pred.shape[1:]), dtype=torch.float32)
+        for source, part in enumerate(parts):
+            real = kept[source::world_size] < count
+            targets[rows[source::world_size][real]] = part.cpu()[real]
+    if cache and rank == 0:
+        try:
+            save_safetensors_atomic({"targets": targets}, path, metadata={"format": TARGETS_FORMAT,
+                                                                         "fingerprint": fingerprint}, overwrite=True)
+            log.info("FP targets of %d samples cached in %s", len(calib), path)
+        except OSError as exc:
+            log.warning("FP targets not cached (%s)", exc)
+    return targets
+
+
+def _read_targets(path: Path, fingerprint: str, num_samples: int) -> torch.Tensor | None:
+    """The cached targets if `path` holds a readable, matching file, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            targets = f.get_tensor("targets")
+    except Exception as exc:  # a damaged cache is recomputed
+        log.warning("ignoring unreadable FP-target cache %s (%s)", path, exc)
+        return None
+    return targets if targets.shape[0] == num_samples and targets.dtype == torch.float32 else None

@@ -14,6 +14,13 @@ Steps, as the reference's `calib` script:
 4. if `distill.enabled`: TQE/TMD distillation (`qdiff.distill.trainer.distill`). Each iteration draws
    `distill.batch_size` rows uniformly with replacement from all (prompt, step, row) samples, from a
    generator seeded by (seed, rank, iteration), so a resumed run draws exactly the same batches.
+   With `distill.fp_targets: precompute` (default) the teacher's output of every calibration row is
+   computed once before the loop (fp32, in batches of `distill.batch_size` consecutive rows, split over
+   ranks) and cached in the calibration-data folder (`calib_data.fp_targets`; 2 MiB per row for XL/2 at
+   16x512x512, e.g. 0.8 GB for 10 prompts x 20 steps x 2 rows), so an iteration runs no teacher forward
+   (roughly 2 s of the 4.4 s XL/2 iteration before) and a rerun or resume reads the cache. A target then
+   equals the online teacher's value up to fp32 rounding (which already varies with the other rows of
+   an online batch). `online` runs the teacher every iteration, as the reference does.
 
 Teacher (the FP targets). Without channel balancing (`balance.method: none`) the teacher is the SAME
 model with quantization switched off: a QuantLinear with both switches off and no balancing computes
@@ -21,15 +28,24 @@ exactly `F.linear(x, W, b)` (TQE terms only enter the quantized path), so the ta
 and no second copy of the weights is needed. With balancing, the switched-off path computes
 (x/s)·(W·s)ᵀ (and rotates), which equals x·Wᵀ only up to rounding; there the teacher is a frozen deep
 copy of the FP model taken before quantization (one extra copy of the weights: 2.7 GB fp32 for XL/2).
-Targets are computed in fp32; on CUDA only the student forward runs under bf16 autocast.
+Targets are computed in fp32; on CUDA only the student forward runs under bf16 autocast. The eval rows'
+targets are computed once; with precomputed targets the FP copy is freed before distillation.
 
 Student: runs in eval mode with the text mask, exactly as the teacher. The reference's student runs in
 train mode (10% caption dropout) and without the mask (METHOD.md §5 quirks); we do not copy that, and
-the config schema has no switch for it. Gradient checkpointing covers every block when
-`distill.grad_checkpointing` (the reference: blocks 1–26 only).
+the config schema has no switch for it. With `distill.grad_checkpointing`, `distill.checkpoint_blocks` of
+the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) the fewest whose
+measured peak fits 85% of the GPU's memory (all on CPU), "all", or a count (the reference: blocks 1–26).
+Which blocks are checkpointed does not change the result. Every layer's effective weight is formed
+once per iteration, outside the blocks (`distill.fused_weights`, `qdiff.distill.weights`).
 
-Timestep ranges: `calib.timestep_ranges > 1` is not supported here (distillation batches mix
-timesteps; Q-VDiT uses one range) and fails up front.
+Timestep ranges (`calib.timestep_ranges` R > 1) and per-timestep-range bit maps: every calibration row
+runs with its own sampling step's parameters (`qdiff.api.forward_per_step`; a row's step is found from its
+timestep in the data's index, range = step·R // N over the N captured steps). The balancing rows are
+grouped by range, so smoothing statistics and static activation ranges are calibrated per range from
+that range's rows; weight ranges are initialised for every range and every weight width. Distillation
+with R > 1 fails up front (the trainer keeps one range per forward; the ViDiT-Q baselines are PTQ only);
+per-step bits with R = 1 distil, each row at its step's bits.
 
 Outputs (rank 0 writes): quant_params.safetensors, quant_config.yaml (the resolved config; reads back
 with `QuantConfig.from_yaml`), inference_config.py (the resolved inference config, self-contained),
@@ -54,17 +70,19 @@ from torch import nn
 
 from qdiff.api import (
     calibrate_balancing,
+    forward_per_step,
     init_weight_quantizers,
     quant_layers,
     quant_state,
     quantize_model,
     save_quant_params,
     set_quant_state,
+    set_timestep,
 )
 from qdiff.config import QuantConfig
 from qdiff.distill.trainer import CHECKPOINT_NAME, distill
 from qdiff.io import atomic_path
-from t2v.pipeline.calib_data import CalibDataError, CalibDataset, subsample_steps
+from t2v.pipeline.calib_data import CalibDataError, CalibDataset, fp_targets, model_fingerprint, subsample_steps
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +146,12 @@ def calibrate(
     """
     outdir = Path(outdir)
     rank, world_size = _world()
-    if qconfig.calib.timestep_ranges > 1:
-        raise NotImplementedError("calib.timestep_ranges > 1 is not supported by stage 4: distillation batches mix "
-                                  "timesteps (Q-VDiT uses one range)")
+    if qconfig.calib.timestep_ranges > 1 and qconfig.distill.enabled:
+        raise NotImplementedError(f"calib.timestep_ranges={qconfig.calib.timestep_ranges} with distill.enabled: "
+                                  "distillation batches mix timesteps and the trainer keeps one range per forward; "
+                                  "set distill.enabled=false (PTQ only) or calib.timestep_ranges=1")
     _check_calib(calib, qconfig)
+    qconfig.check_step_segments(calib.num_sampling_steps)
     calib.check_compatible(model)
     check_outdir(outdir, resume, overwrite)
     if resume:
@@ -150,17 +170,36 @@ def calibrate(
     teacher = None
     if qconfig.balance.method != "none":
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    precompute = qconfig.distill.enabled and qconfig.distill.fp_targets == "precompute"
+    model_key = model_fingerprint(model) if precompute else None  # names the FP model in the target cache
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(qconfig.distill.seed)
         quantize_model(model, qconfig, adapter="stdit")
 
-    # 2-3. PTQ initialisation: balancing statistics, then weight quantizer ranges
+    # 2-3. PTQ initialisation: balancing statistics (per timestep range), then weight quantizer ranges
+    num_steps = calib.num_sampling_steps
+    step_of = {int(t): s for s, t in enumerate(calib.index["timesteps"])}  # timestep -> captured step
     balance_indices = _balance_indices(len(calib), balance_rows, qconfig.distill.seed)
+
+    def captured_step(index: int) -> int:  # CalibDataset layout: sample i is at kept step (i // 2) % K
+        return calib.steps[(index // 2) % len(calib.steps)]
+
+    # Balance rows by timestep range, in drawn order (the passes run in FP: bits do not matter there).
+    groups: dict[int, list[int]] = {}
+    for index in balance_indices.tolist():
+        groups.setdefault(captured_step(index) * qconfig.calib.timestep_ranges // num_steps, []).append(index)
     step = qconfig.distill.batch_size
 
     def run_balance_rows() -> None:
-        for start in range(0, len(balance_indices), step):
-            _forward(model, _to_device(calib.get(balance_indices[start:start + step]), device))
+        for rows in groups.values():
+            set_timestep(model, captured_step(rows[0]), num_steps)
+            for start in range(0, len(rows), step):
+                _forward(model, _to_device(calib.get(rows[start:start + step]), device))
+
+    def student(batch: dict) -> torch.Tensor:
+        """The quantized model on rows of mixed steps, each row with its own step's range and bits."""
+        steps = [step_of[t] for t in batch["timestep"].tolist()]
+        return forward_per_step(model, steps, num_steps, lambda rows: _forward(model, _rows(batch, rows)))
 
     calibrate_balancing(model, qconfig, run_balance_rows)
     init_weight_quantizers(model)
@@ -175,7 +214,9 @@ def calibrate(
 
     eval_indices = torch.linspace(0, len(calib) - 1, min(eval_rows, len(calib))).round().long()
     eval_batch = _to_device(calib.get(eval_indices), device)
-    report = {"eval_rows": eval_indices.tolist(), "ptq_init": _relative_error(model, teacher_fn, eval_batch)}
+    with torch.no_grad():
+        eval_target = teacher_fn(eval_batch)
+    report = {"eval_rows": eval_indices.tolist(), "ptq_init": _relative_error(model, student, eval_target, eval_batch)}
     if rank == 0:
         log.info("PTQ initialisation: relative output error %.4g on %d calibration rows",
                  report["ptq_init"]["relative_error"], len(eval_indices))
@@ -183,21 +224,27 @@ def calibrate(
     # 4. distillation
     if qconfig.distill.enabled:
         cfg = qconfig.distill
+        targets = None
+        if precompute:
+            targets = fp_targets(calib, lambda rows: teacher_fn(_to_device(rows, device)), model_key,
+                                 cfg.batch_size, progress=progress)
+            del teacher  # every target the run needs is computed: free the FP copy
 
         def batches(iteration: int) -> dict:
             generator = torch.Generator().manual_seed(_batch_seed(cfg.seed, rank, iteration))
-            return _to_device(calib.sample_batch(cfg.batch_size, generator), device)
+            batch = calib.sample_batch(cfg.batch_size, generator)
+            if targets is not None:
+                batch["target"] = targets[batch["index"]]
+            return _to_device(batch, device)
 
-        model.enable_gradient_checkpointing(cfg.grad_checkpointing)
-        try:
-            result = distill(model, teacher_fn, batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
-                             log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,
-                             student_fn=lambda batch: _forward(model, batch), overwrite=overwrite,
-                             log_every=log_every)
-        finally:
-            model.enable_gradient_checkpointing(False)
-        report.update(history=result["history"], resumed_from=result["resumed_from"])
-    report["final"] = _relative_error(model, teacher_fn, eval_batch)
+        result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch), batches,
+                         cfg, outdir, resume=resume, progress=progress and rank == 0,
+                         log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,
+                         student_fn=student, overwrite=overwrite, log_every=log_every,
+                         checkpoint_modules=model.blocks)
+        report.update(history=result["history"], resumed_from=result["resumed_from"],
+                      checkpointed_blocks=result["checkpointed_blocks"])
+    report["final"] = _relative_error(model, student, eval_target, eval_batch)
     report.update(distill=qconfig.distill.to_dict(), world_size=world_size, wall_time_s=time.time() - started)
 
     path = outdir / QUANT_PARAMS_NAME
@@ -217,13 +264,16 @@ def _forward(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["x"], batch["timestep"], batch["y"], mask=batch["mask"]).float()
 
 
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    return {key: value[rows.to(value.device)] for key, value in batch.items()}
+
+
 @torch.no_grad()
-def _relative_error(model: nn.Module, teacher_fn, batch: dict) -> dict:
-    """‖out_q − out_fp‖ / ‖out_fp‖ with weights and activations quantized (inference setting)."""
-    target = teacher_fn(batch)
+def _relative_error(model: nn.Module, student_fn, target: torch.Tensor, batch: dict) -> dict:
+    """‖out_q − out_fp‖ / ‖out_fp‖ with weights and activations quantized (inference setting); target = out_fp."""
     set_quant_state(model, weight=True, act=True)
     try:
-        pred = _forward(model, batch)
+        pred = student_fn(batch)
     finally:
         set_quant_state(model, weight=False, act=False)
     return {"relative_error": float((pred - target).norm() / target.norm()),
@@ -307,7 +357,7 @@ def _check_resumable(outdir: Path, qconfig: QuantConfig) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     current = json.loads(json.dumps(qconfig.to_dict()))
-    free = {"enabled", "checkpoint_every", "grad_checkpointing"}  # do not change the result
+    free = {"enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks"}  # do not change the result
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section), current.get(section)

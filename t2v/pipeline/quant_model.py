@@ -13,7 +13,15 @@ from typing import Callable
 
 from torch import nn
 
-from qdiff.api import fold_model, load_quant_params, quantize_model, read_quant_params_header, set_quant_state, set_timestep
+from qdiff.api import (
+    fold_model,
+    load_quant_params,
+    quant_layers,
+    quantize_model,
+    read_quant_params_header,
+    set_quant_state,
+    set_timestep,
+)
 from qdiff.config import QuantConfig
 
 ADAPTER = "stdit"
@@ -31,7 +39,8 @@ def build_quant_model(model: nn.Module, qconfig: QuantConfig, quant_params_path=
         (weight ranges are then initialised at the first forward). A file saved from a folded model is loaded
         into a folded model. Raises `qdiff.api.QuantParamsError` (naming the differences) for a file made
         for another model or config.
-    fold: bake W_eff into one dequantized weight per layer after loading (faster sampling, same output).
+    fold: bake W_eff into one dequantized weight per layer after loading (faster sampling, same output);
+        refused (ValueError) for layers whose bits change per timestep.
     """
     saved_folded = False
     if quant_params_path is not None:
@@ -44,6 +53,10 @@ def build_quant_model(model: nn.Module, qconfig: QuantConfig, quant_params_path=
     if quant_params_path is not None:
         load_quant_params(model, qconfig, quant_params_path)
     if fold:
+        per_step = [name for name, layer in quant_layers(model) if layer.step_bits]
+        if per_step:
+            raise ValueError(f"--fold: {len(per_step)} layer(s) change bits per timestep (e.g. {per_step[0]}, from the "
+                             "per-timestep-range bit maps); folding keeps one weight per range: run without --fold")
         fold_model(model)
     set_quant_state(model, weight=True, act=True)
     return model
@@ -51,7 +64,10 @@ def build_quant_model(model: nn.Module, qconfig: QuantConfig, quant_params_path=
 
 def quant_step_hook(model: nn.Module, num_steps: int) -> Callable:
     """An `on_step` callback for `IDDPM.sample` / `generate_videos`: before each sampling step, tell the
-    quantized layers which step (0 = noisiest) runs, so timestep-range parameters are selected."""
+    quantized layers which step (0 = noisiest) runs, so timestep-range parameters and per-step bits are
+    selected. Every step is tried once here, so a bit map made for another step count fails before sampling."""
+    for step in reversed(range(num_steps)):  # ends selecting step 0
+        set_timestep(model, step, num_steps)
 
     def on_step(step, timestep, x_in, y_in, mask_in) -> None:
         set_timestep(model, step, num_steps)
@@ -69,11 +85,16 @@ def export_int_weights(model: nn.Module, qconfig: QuantConfig, quant_params_path
     """Stage 6: quantize the FP `model` (float32) with a calibration run's params and write its integer weights.
 
     Raises `qdiff.api.QuantParamsError` for params of another model/config, `qdiff.lowbit.IntExportError` for
-    layers without an integer form (folded params, W-only layers, group-wise weights, several timestep ranges).
+    layers without an integer form (folded params, W-only layers, group-wise weights, several timestep ranges,
+    per-timestep bits).
     """
-    from qdiff.lowbit import export_int_model
+    from qdiff.lowbit import IntExportError, export_int_model
 
     build_quant_model(model, qconfig, quant_params_path)
+    per_step = [name for name, layer in quant_layers(model) if layer.step_bits]
+    if per_step:
+        raise IntExportError(f"{len(per_step)} layer(s) change bits per timestep (e.g. {per_step[0]}): integer export "
+                             "holds one weight width per layer; drop the per-timestep-range bit maps")
     return export_int_model(model, out_path, qconfig, int_model_info(model), overwrite=overwrite)
 
 

@@ -8,7 +8,10 @@
     torchrun --nproc_per_node 4 -m t2v.scripts.calib ...   # distillation data-parallel (gradients averaged)
 
 Writes quant_params.safetensors, quant_config.yaml, inference_config.py and distill_history.json to --outdir
-(see t2v/pipeline/ptq.py). An interrupted distillation continues with --resume.
+(see t2v/pipeline/ptq.py). An interrupted distillation continues with --resume. The FP targets of the
+calibration rows are computed once and cached in --calib_data (fp_targets_*.safetensors; reruns, resumes and
+other quant configs on the same data and model reuse them; `--set distill.fp_targets=online` runs the FP
+model every iteration instead).
 """
 from __future__ import annotations
 

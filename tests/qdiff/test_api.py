@@ -9,6 +9,7 @@ from qdiff.api import (
     QuantParamsError,
     calibrate_balancing,
     fold_model,
+    forward_per_step,
     init_weight_quantizers,
     load_quant_params,
     quant_layers,
@@ -16,9 +17,11 @@ from qdiff.api import (
     save_quant_params,
     set_quant_state,
     set_timestep,
+    step_key,
     trainable_parameters,
 )
-from qdiff.config import QuantConfig
+from qdiff.balancing import smooth_scales
+from qdiff.config import ConfigError, QuantConfig
 
 T = 4
 
@@ -224,3 +227,110 @@ def test_load_refuses_other_config_or_model(tmp_path):
     bogus.write_bytes(b"not a safetensors file")
     with pytest.raises(QuantParamsError, match="not a safetensors"):
         load_quant_params(model, cfg, bogus)
+
+
+# ----------------------------------------------------------------------------- per-timestep-range bits
+STEPS = 4  # plan step = STEPS - 1 - sampling step
+
+
+def _maps(tmp_path, weight_text, act_text=None):
+    paths = {"weight_bits_file": tmp_path / "w.yaml"}
+    paths["weight_bits_file"].write_text(weight_text)
+    if act_text is not None:
+        paths["act_bits_file"] = tmp_path / "a.yaml"
+        paths["act_bits_file"].write_text(act_text)
+    return {key: str(path) for key, path in paths.items()}
+
+
+def _bits_config(tmp_path, weight_text=None, act_text=None, name="m"):
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    mixed = _maps(folder, weight_text, act_text) if weight_text is not None else {}
+    return make_config(tqe=None, act={"bits": 6}, mixed_precision=mixed)
+
+
+PER_RANGE_W = "'3-2':\n  attn: 8\n  mlp.0: fp\n'1-0': {}\n"
+PER_RANGE_A = "'3-3':\n  attn_temp: 8\n'2-0': {}\n"
+
+
+def test_per_step_bits_equal_uniform_models_at_their_steps(tmp_path):
+    x = data()
+    cfg = _bits_config(tmp_path, PER_RANGE_W, PER_RANGE_A)
+    model = _quantized(cfg)
+    layers = dict(quant_layers(model))
+    assert layers["attn"].step_bits == ((0, 1, 4, 6), (2, 3, 8, 6))  # neighbours with equal bits merged
+    assert layers["mlp.0"].step_bits == ((0, 1, 4, 6), (2, 3, None, 6))
+    assert layers["attn_temp"].step_bits == ((0, 2, 4, 6), (3, 3, 4, 8))
+    assert layers["mlp.2"].step_bits == () and not layers["mlp.2"].step_weight_quantizers  # same bits everywhere
+    # the same steps' bits as uniform (flat) maps, or none
+    uniform = {
+        0: _bits_config(tmp_path, "attn: 8\nmlp.0: fp\n", "attn_temp: 8\n", "s0"),
+        1: _bits_config(tmp_path, "attn: 8\nmlp.0: fp\n", name="s1"),
+        2: _bits_config(tmp_path), 3: _bits_config(tmp_path),
+    }
+    outputs = []
+    for step in range(STEPS):
+        set_timestep(model, step, STEPS)
+        outputs.append(model(x))
+        assert torch.equal(outputs[-1], _quantized(uniform[step])(x)), step
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+    assert torch.equal(outputs[2], outputs[3])
+    # rows of mixed steps, each run with its own step's bits
+    rows = forward_per_step(model, [3, 0], STEPS, lambda index: model(x[index]))
+    assert torch.equal(rows[0], outputs[3][0]) and torch.equal(rows[1], outputs[0][1])
+    assert step_key(model, 2, STEPS) == step_key(model, 3, STEPS) != step_key(model, 1, STEPS)
+
+
+def test_per_step_bits_refuse_other_step_counts(tmp_path):
+    model = _quantized(_bits_config(tmp_path, PER_RANGE_W))
+    with pytest.raises(ValueError, match=r"attn covers plan steps up to 3 \(a 4-step sampler\) but sampling runs 5"):
+        set_timestep(model, 0, 5)
+    with pytest.raises(ConfigError, match=r"w\.yaml: its timestep ranges hold plan steps 2\.\.3 \(2 steps\); a 4-step "
+                                          r"sampler needs 0\.\.3; steps \[0, 1\] are in no range"):
+        _quantized(_bits_config(tmp_path, "'3-2':\n  attn: 8\n", name="gap"))
+
+
+def test_per_step_bits_save_load_round_trip(tmp_path):
+    x = data()
+    cfg = _bits_config(tmp_path, PER_RANGE_W, PER_RANGE_A)
+    model = _quantized(cfg)
+    init_weight_quantizers(model)
+    attn = dict(quant_layers(model))["attn"]
+    assert attn.weight_quantizer.initialized.all() and attn.step_weight_quantizers["8"].initialized.all()
+    with torch.no_grad():
+        attn.step_weight_quantizers["8"].delta.mul_(1.01)  # as distillation would move it
+    path = save_quant_params(model, cfg, tmp_path / "q.safetensors")
+    fresh = _quantized(cfg)
+    load_quant_params(fresh, cfg, path)
+    for step in range(STEPS):
+        set_timestep(model, step, STEPS)
+        set_timestep(fresh, step, STEPS)
+        assert torch.equal(fresh(x), model(x))
+    other = _bits_config(tmp_path, PER_RANGE_W.replace("attn: 8", "attn: 3"), PER_RANGE_A, "other")
+    with pytest.raises(QuantParamsError, match=r"per-range bit map weight\.3-2\.attn: file has 8, current has 3"):
+        load_quant_params(_quantized(other), other, path)
+
+
+def test_balancing_statistics_and_static_ranges_per_timestep_range():
+    x = data()
+    cfg = make_config(method="ptq", tqe=None, act={"bits": 8, "mode": "static_per_tensor"},
+                      balance={"method": "smooth", "alpha": 0.5}, calib={"timestep_ranges": 2})
+    model = _quantized(cfg)
+
+    def run_calibration():  # range 0 sees x, range 1 sees 4x
+        set_timestep(model, 0, 2)
+        model(x)
+        set_timestep(model, 1, 2)
+        model(4 * x)
+
+    calibrate_balancing(model, cfg, run_calibration)
+    attn = dict(quant_layers(model))["attn"]
+    assert attn.act_absmax.shape == (2, 48) and attn.act_stats_count.tolist() == [1, 1]
+    assert not torch.equal(attn.smooth_scale[0], attn.smooth_scale[1])
+    for r in range(2):
+        torch.testing.assert_close(attn.smooth_scale[r], smooth_scales(attn.act_absmax[r], attn.weight, 0.5), rtol=0, atol=0)
+    quantizer = attn.act_quantizer
+    assert quantizer.observed.tolist() == [True, True] and quantizer.x_max[1] > 1.5 * quantizer.x_max[0]  # ~2x after smoothing by sqrt(4)
+    empty = _quantized(cfg)
+    with pytest.raises(RuntimeError, match=r"timestep range\(s\) \[1\] of 2"):
+        calibrate_balancing(empty, cfg, lambda: empty(x))  # range 0 only

@@ -199,3 +199,41 @@ def test_replace_and_direct_construction():
         cfg.replace(distill={"iterations": 0})
     with pytest.raises(ConfigError, match="iterations"):
         DistillConfig(iterations=0)
+
+
+def test_per_range_maps_resolve_per_plan_step(tmp_path):
+    weight_map = tmp_path / "w.yaml"
+    weight_map.write_text("'4-3':\n  blocks.0.attn.q: 8\n'2-0': {}\n")
+    act_map = tmp_path / "a.yaml"
+    act_map.write_text("'4-4':\n  blocks.0.attn.q: fp\n'3-0':\n  blocks.0.attn.k: 8\n")
+    cfg = QuantConfig.from_dict({"weight": {"bits": 4}, "act": {"bits": 6},
+                                 "mixed_precision": {"weight_bits_file": str(weight_map), "act_bits_file": str(act_map)}})
+    assert cfg.resolve_bits("blocks.0.attn.q") == (4, 6)  # no range: the base bits
+    assert [cfg.resolve_bits("blocks.0.attn.q", step) for step in (4, 3, 0)] == [(8, None), (8, 6), (4, 6)]
+    assert cfg.resolve_bits("blocks.0.attn.k", 0) == (4, 8)
+    assert cfg.step_segments() == ((0, 2), (3, 3), (4, 4))  # where both maps are constant
+    assert cfg.range_maps() == {"weight": {"4-3": {"blocks.0.attn.q": 8}, "2-0": {}},
+                                "act": {"4-4": {"blocks.0.attn.q": 16}, "3-0": {"blocks.0.attn.k": 8}}}
+    cfg.check_step_segments(5)
+    with pytest.raises(ConfigError, match=r"w\.yaml: its timestep ranges hold plan steps 0\.\.4 \(5 steps\); a 20-step "
+                                          r"sampler needs 0\.\.19; steps \[5, 6"):
+        cfg.check_step_segments(20)
+    with pytest.raises(ConfigError, match=r"w\.yaml.*a 3-step sampler needs 0\.\.2$"):
+        cfg.check_step_segments(3)
+    short = tmp_path / "short.yaml"
+    short.write_text("'3-0': {}\n")
+    with pytest.raises(ConfigError, match=r"short\.yaml: .* 0\.\.3 \(4 steps\); a 5-step sampler needs 0\.\.4; steps \[4\]"):
+        apply_overrides(cfg, [f"mixed_precision.weight_bits_file={short}"]).check_step_segments()
+    # maps that do not apply (base bits above the threshold) add no segments
+    above = apply_overrides(cfg, ["weight.bits=8", "act.bits=8"])
+    assert above.step_segments() == () and above.range_maps() == {} and above.resolve_bits("blocks.0.attn.q", 4) == (8, 8)
+
+
+def test_shipped_timestep_wise_example():
+    cfg = QuantConfig.from_yaml(QUANT_CONFIGS / "w4a8_viditq_timestep_mp.yaml")
+    assert cfg.step_segments() == ((0, 74), (75, 99))
+    assert [cfg.resolve_bits("blocks.27.attn_temp.v", step) for step in (99, 75, 74, 0)] == [(8, 8)] * 2 + [(4, 8)] * 2
+    assert {cfg.resolve_bits("blocks.3.mlp.fc2", step) for step in range(100)} == {(8, 8)}
+    cfg.check_step_segments(100)
+    with pytest.raises(ConfigError, match="a 20-step sampler"):
+        cfg.check_step_segments(20)

@@ -290,3 +290,60 @@ def test_act_quantizer_kind_and_repr():
     assert "w_bits=4" in text and "a_bits=8" in text and "num_frames=4" in text
     with pytest.raises(ValueError, match="tqe"):
         QuantLinear.from_linear(_linear(), None, ActQuantConfig(), TQEConfig())
+
+
+# ----------------------------------------------------------------------------- per-range statistics, per-step bits
+def test_act_absmax_is_kept_per_timestep_range():
+    layer = _layer(num_ranges=2)
+    layer.observe_act_stats = True
+    x = torch.randn(2, 5, D_IN)
+    layer(x)
+    layer.set_range_index(1)
+    layer(2 * x)  # powers of two scale the statistic exactly
+    layer(2 * x)
+    stat = x.abs().amax(dim=-2).mean(dim=0)
+    assert layer.act_absmax.shape == (2, D_IN) and layer.act_stats_count.tolist() == [1, 2]
+    assert torch.equal(layer.act_absmax[0], stat)
+    torch.testing.assert_close(layer.act_absmax[1], 2 * stat, rtol=1e-6, atol=0.0)  # momentum of two equal batches
+    assert _layer().act_absmax.shape == (D_IN,)  # one range keeps the [d_in] layout of older files
+
+
+def _plain(linear, w_bits, a_bits):
+    weight = None if w_bits is None else WeightQuantConfig(bits=w_bits)
+    act = None if a_bits is None else ActQuantConfig(bits=a_bits)
+    return _quant_on(QuantLinear.from_linear(linear, weight, act))
+
+
+def test_step_bits_equal_plain_layers_of_those_bits():
+    linear = _linear()
+    step_bits = ((0, 1, 4, 6), (2, 2, 8, 6), (3, 4, None, 8))  # plan steps (low, high, w_bits, a_bits)
+    layer = _quant_on(QuantLinear.from_linear(linear, WeightQuantConfig(bits=4), ActQuantConfig(bits=6),
+                                              step_bits=step_bits))
+    assert layer.weight_bit_widths == (4, 8) and list(layer.step_weight_quantizers) == ["8"]
+    x = torch.randn(3, 5, D_IN)
+    for plan_step, bits in ((0, (4, 6)), (1, (4, 6)), (2, (8, 6)), (3, (None, 8)), (4, (None, 8))):
+        layer.select_plan_step(plan_step)
+        assert (layer.w_bits, layer.a_bits) == bits
+        assert torch.equal(layer(x), _plain(linear, *bits)(x)), plan_step
+    assert len(layer.trainable_parameters()["delta"]) == 2  # Δ of both widths train
+    with pytest.raises(ValueError, match=r"plan step 5 is in no timestep range.*'4-3'"):
+        layer.select_plan_step(5)
+    with pytest.raises(RuntimeError, match="per-timestep bits"):
+        layer.fold()
+    with pytest.raises(ValueError, match="step_bits"):
+        QuantLinear.from_linear(linear, None, ActQuantConfig(bits=8), step_bits=((0, 0, 4, 8),))
+    assert "step_bits=[[0, 1, 4, 6]" in repr(layer)
+
+
+def test_step_weight_quantizers_keep_ranges_per_width():
+    layer = _quant_on(QuantLinear.from_linear(_linear(), WeightQuantConfig(bits=4), None, num_ranges=2,
+                                              step_bits=((0, 0, 4, None), (1, 1, 3, None))))
+    scale = torch.rand(2, D_IN) + 0.5
+    layer.set_balance(smooth_scale=scale)
+    for r in range(2):
+        for bits in (4, 3):
+            layer.effective_weight(r, bits=bits)
+            expected = WeightQuantizer(WeightQuantConfig(bits=bits), D_OUT, D_IN)
+            expected.init_from(layer.weight * scale[r])
+            quantizer = layer.weight_quantizer if bits == 4 else layer.step_weight_quantizers["3"]
+            assert torch.equal(quantizer.delta[r], expected.delta[0]) and torch.equal(quantizer.zero_point[r], expected.zero_point[0])

@@ -99,3 +99,13 @@ def test_shipped_fp_lists():
     assert load_fp_layers(SHIPPED / "remain_fp.txt") == ("x_embedder", "t_embedder", "t_block", "y_embedder", "final_layer")
     w6 = load_fp_layers(SHIPPED / "remain_fp_w6.txt")
     assert w6[-2:] == ("blocks.6.mlp", "blocks.26.mlp") and len(w6) == 7
+
+
+def test_base_bits_steps_and_overlapping_ranges(tmp_path):
+    plan = load_bit_plan(_write(tmp_path, "t.yaml", "'19-15':\n  blocks.0.attn.q: 8\n14-10:\n  blocks.0.attn.q: fp\n"), 4)
+    assert plan.base_bits("model.blocks.0.attn.q") == 4  # outside the ranges: the default
+    assert plan.range_steps() == set(range(10, 20))
+    assert BitPlan(4, {"blocks.0.attn.q": 3}).base_bits("blocks.0.attn.q") == 3
+    assert BitPlan(4).range_steps() == set()
+    with pytest.raises(ValueError, match=r"o\.yaml: timestep ranges '6-0' and '9-5' overlap"):
+        load_bit_plan(_write(tmp_path, "o.yaml", "9-5:\n  blocks.0.attn.q: 8\n6-0:\n  blocks.0.attn.q: 4\n"), 4)

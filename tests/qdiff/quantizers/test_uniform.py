@@ -229,3 +229,17 @@ def test_static_act_quantizer_observes_then_quantizes():
         StaticActQuantizer(ActQuantConfig())
     with pytest.raises(ValueError, match="mode"):
         DynamicActQuantizer(ActQuantConfig(mode="static_per_tensor"))
+
+
+@pytest.mark.parametrize("mode", ["dynamic_per_token", "static_per_tensor"])
+def test_act_bits_chosen_per_call_equal_a_quantizer_of_those_bits(mode):
+    x = torch.randn(3, 5, 16)
+    quantizers = {}
+    for bits in (8, 4):
+        cfg = ActQuantConfig(bits=bits, mode=mode)
+        quantizers[bits] = DynamicActQuantizer(cfg) if mode == "dynamic_per_token" else StaticActQuantizer(cfg)
+        if mode == "static_per_tensor":
+            quantizers[bits].observe(x)
+    eight, four = quantizers[8], quantizers[4]
+    assert torch.equal(eight(x, 0, bits=4), four(x)) and torch.equal(eight(x, 0), eight(x, 0, bits=8))
+    assert not torch.equal(eight(x, 0, bits=4), eight(x))
