@@ -83,6 +83,9 @@ class TrainConfig:
     loss_weighting: str = field(default="none", metadata={
         "help": "weight of the eps MSE per timestep: none (OpenSora) or min_snr (min(SNR, gamma)/SNR)"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min_snr weighting"})
+    clamp_variance: bool = field(default=True, metadata={
+        "help": "clamp the variance output to [-1, 1] in the VLB term (unclamped, as OpenSora, it drifted and "
+                "overflowed after ~10k steps)"})
     seed: int = field(default=0, metadata={"help": "seed of init, data and noise"})
     init_from: str = field(default="", metadata={
         "help": "start from the weights of a model.safetensors written by this script (same architecture); "
@@ -298,7 +301,8 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     module.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         y = module.encode_text(ids, mask)  # [B, 1, L, C_cap]
-        terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask})
+        terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask},
+                                          clamp_variance=cfg.clamp_variance)
     loss = (mse_weights(cfg, diffusion, index) * terms["mse"] + terms["vb"]).mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()

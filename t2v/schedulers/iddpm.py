@@ -309,7 +309,8 @@ class IDDPM:
     # ---- training --------------------------------------------------------------------------------------
 
     def training_losses(self, model: Callable, x_start: torch.Tensor, index: torch.Tensor,
-                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None) -> dict:
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+                        clamp_variance: bool = False) -> dict:
         """Improved-DDPM loss with learned sigma (loss_type MSE): per-sample terms, each [B].
 
         x_start: [B, C, ...]; index: int64 [B] step indices of this process (use num_sampling_steps =
@@ -317,6 +318,8 @@ class IDDPM:
         `model(x_t, timestep_map[index], **model_kwargs)` -> [B, 2C, ...].
         Returns dict(mse = mean((eps − noise)²), vb = VLB term in bits with the eps output detached
         (KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)), or the decoder NLL at index 0), loss = mse + vb).
+        clamp_variance: clamp the variance values v to [-1, 1] in the VLB term (not in OpenSora). Unclamped, v
+        extrapolates beyond [log β̃, log β]: the tiny model's v reached 26 at t = 0 and its loss then overflowed.
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, index, noise)
@@ -324,6 +327,8 @@ class IDDPM:
         model_output = model(x_t, timestep, **(model_kwargs or {}))
         eps, var_values = model_output.split(x_start.shape[1], dim=1)
         # The VLB term learns the variance only: it must not move the mean (eps) prediction.
+        if clamp_variance:
+            var_values = var_values.clamp(-1.0, 1.0)
         frozen = torch.cat([eps.detach(), var_values], dim=1)
         vb = self._vb_terms_bits(frozen, x_start, x_t, index)
         mse = _mean_over_non_batch((noise - eps) ** 2)

@@ -258,3 +258,26 @@ def test_q_sample():
 def test_bad_sampler_name():
     with pytest.raises(ValueError, match="sampler"):
         IDDPM(sampler="euler")
+
+
+def test_training_losses_clamp_variance_bounds_the_vlb_input():
+    diffusion = IDDPM(num_sampling_steps=1000)
+    gen = torch.Generator().manual_seed(0)
+    x_start = torch.rand(2, 4, 1, 2, 2, generator=gen) * 2 - 1
+    noise = torch.randn(x_start.shape, generator=gen)
+    index = torch.tensor([0, 300])
+    eps = torch.randn(x_start.shape, generator=gen)
+
+    def model_with(v):
+        return lambda x, t: torch.cat([eps, torch.full_like(eps, v)], dim=1)
+
+    for v in (1e4, -1e4):  # far outside [-1, 1]: clamped, the loss equals the bound's
+        huge = diffusion.training_losses(model_with(v), x_start, index, noise=noise, clamp_variance=True)
+        at_bound = diffusion.training_losses(model_with(1.0 if v > 0 else -1.0), x_start, index, noise=noise)
+        torch.testing.assert_close(huge["vb"], at_bound["vb"])
+        torch.testing.assert_close(huge["mse"], at_bound["mse"])
+    unclamped = diffusion.training_losses(model_with(-1e4), x_start, index, noise=noise)
+    assert unclamped["vb"].max() > 1e6 * at_bound["vb"].max()  # a vanishing variance blows the KL up: what the clamp prevents
+    inside = diffusion.training_losses(model_with(0.3), x_start, index, noise=noise, clamp_variance=True)
+    torch.testing.assert_close(inside["vb"], diffusion.training_losses(model_with(0.3), x_start, index,
+                                                                         noise=noise)["vb"])
