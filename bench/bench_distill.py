@@ -12,8 +12,8 @@ TQE/Δ values):
                  (eager autograd chain, again in the checkpoint recompute), every block checkpointed
   targets        + FP targets precomputed once per calibration row (`distill.fp_targets: precompute`)
   targets_fused  + W_eff once per iteration, fused forward + STE backward (`distill.fused_weights`)
-  new            + `distill.checkpoint_blocks: auto` (the fewest checkpointed blocks that fit 85% of the GPU):
-                 stage 4's defaults now
+  new            + `distill.checkpoint_blocks: auto` (the fewest checkpointed blocks that fit 85% of the GPU)
+Stage 4's defaults are `targets` with checkpoint_blocks auto: fused weights measured slower (docs/benchmarks.md).
 Whole-calibration estimate per config: PTQ init + (precompute: teacher time per batch × rows / 4) + iterations ×
 s/iter, for W3A6 (15,000 it, 20 steps), W4A8 (10,000 it, 100 steps) and W4A6 (10,000 it, 20 steps), 10 prompts,
 all at the measured W3A6 iteration time.
@@ -42,7 +42,7 @@ VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, descripti
             "before: online fp32 teacher, per-call W_eff, all blocks checkpointed"),
     "targets": (True, dict(fused_weights=False, checkpoint_blocks="all"), "+ precomputed FP targets"),
     "targets_fused": (True, dict(fused_weights=True, checkpoint_blocks="all"), "+ W_eff once per iteration (fused)"),
-    "new": (True, dict(fused_weights=True, checkpoint_blocks="auto"), "+ checkpoint_blocks auto (stage 4 default)"),
+    "new": (True, dict(fused_weights=True, checkpoint_blocks="auto"), "+ checkpoint_blocks auto"),
 }
 PLANS = {"W3A6 15k": "w3a6_qvdit.yaml", "W4A8 10k": "w4a8_qvdit.yaml", "W4A6 10k": "w4a6_qvdit.yaml"}
 

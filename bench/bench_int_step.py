@@ -1,8 +1,8 @@
 """Real low-bit inference on one STDiT-XL/2 step at 16x512x512 (CFG batch 2), side by side in one process:
 our bf16 model, the W8A8 and W4A8 integer models (IntLinear: Triton int8 GEMMs, qdiff.lowbit) with fused producers
 (LayerNorm + modulate and GELU quantize inside one kernel, opt-in with `set_fusion`) and with fusion off (the
-default: eager LayerNorm, modulation and GELU, then a separate quantization pass per input), and the bare bf16 block stack of the
-anchor script (`anchor_block_stack.py`) at the same shapes. Random weights.
+default: eager LayerNorm, modulation and GELU, then a separate quantization pass per input), and the bare bf16
+block stack of the anchor script (`anchor_block_stack.py`) at the same shapes. Random weights.
 
 Reported (markdown + JSON in --out):
   step        ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight bytes

@@ -14,7 +14,7 @@ On CUDA the student forward runs under bf16 autocast (TQE parameters and the los
 CPU everything is fp32.
 
 Speed (issue 4):
-- `cfg.fused_weights` (default): every layer's W_eff is formed once per iteration, outside the
+- `cfg.fused_weights` (off by default; measured slower on an H100): every layer's W_eff is formed once per iteration, outside the
   blocks and outside autocast, with a fused forward and a hand-written straight-through backward
   (`qdiff.distill.weights`); values and gradients equal the per-call autograd chain bit for bit on
   CPU. On CUDA B·A is now an fp32 product, as at inference; false = each layer call rebuilds W_eff

@@ -36,8 +36,9 @@ train mode (10% caption dropout) and without the mask (METHOD.md §5 quirks); we
 the config schema has no switch for it. With `distill.grad_checkpointing`, `distill.checkpoint_blocks` of
 the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) the fewest whose
 measured peak fits 85% of the GPU's memory (all on CPU), "all", or a count (the reference: blocks 1–26).
-Which blocks are checkpointed does not change the result. Every layer's effective weight is formed
-once per iteration, outside the blocks (`distill.fused_weights`, `qdiff.distill.weights`).
+Which blocks are checkpointed does not change the result. With `distill.fused_weights` (off by default:
+slower on an H100) every layer's effective weight is formed once per iteration, outside the blocks
+(`qdiff.distill.weights`).
 
 Timestep ranges (`calib.timestep_ranges` R > 1) and per-timestep-range bit maps: every calibration row
 runs with its own sampling step's parameters (`qdiff.api.forward_per_step`; a row's step is found from its

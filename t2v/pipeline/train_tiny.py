@@ -335,8 +335,8 @@ def git_sha() -> str:
 
 def model_metadata(state: TrainState) -> dict:
     cfg = state.cfg
-    return {"recipe": dataclasses.asdict(cfg), "seed": cfg.seed, "step": state.step, "steps_before": state.steps_before,
-            "skipped_steps": state.skipped_steps,
+    return {"recipe": dataclasses.asdict(cfg), "seed": cfg.seed, "step": state.step,
+            "steps_before": state.steps_before, "skipped_steps": state.skipped_steps,
             "train_seconds": round(state.train_seconds, 1),
             "data": {"generator": "t2v.data.shapes", "spec": dataclasses.asdict(cfg.spec()), "split": cfg.split,
                      "heldout_rule": "(colour + 2*shape + motion) % 5 == 0"},

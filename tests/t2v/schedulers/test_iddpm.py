@@ -277,7 +277,8 @@ def test_training_losses_clamp_variance_bounds_the_vlb_input():
         torch.testing.assert_close(huge["vb"], at_bound["vb"])
         torch.testing.assert_close(huge["mse"], at_bound["mse"])
     unclamped = diffusion.training_losses(model_with(-1e4), x_start, index, noise=noise)
-    assert unclamped["vb"].max() > 1e6 * at_bound["vb"].max()  # a vanishing variance blows the KL up: what the clamp prevents
+    # a vanishing variance blows the KL up: what the clamp prevents
+    assert unclamped["vb"].max() > 1e6 * at_bound["vb"].max()
     inside = diffusion.training_losses(model_with(0.3), x_start, index, noise=noise, clamp_variance=True)
     torch.testing.assert_close(inside["vb"], diffusion.training_losses(model_with(0.3), x_start, index,
                                                                          noise=noise)["vb"])
