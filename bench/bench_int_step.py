@@ -1,23 +1,38 @@
 """Real low-bit inference on one STDiT-XL/2 step at 16x512x512 (CFG batch 2), side by side in one process:
-our bf16 model, the W8A8 and W4A8 integer models (IntLinear: Triton int8 GEMMs, qdiff.lowbit) with fused producers
-(LayerNorm + modulate and GELU quantize inside one kernel, opt-in with `set_fusion`) and with fusion off (the
-default: eager LayerNorm, modulation and GELU, then a separate quantization pass per input), and the bare bf16
-block stack of the anchor script (`anchor_block_stack.py`) at the same shapes. Random weights.
+our bf16 model, the W8A8 and W4A8 integer models (IntLinear: Triton int8 GEMMs, qdiff.lowbit), and the bare bf16
+block stack of the anchor script (`anchor_block_stack.py`) at the same shapes, each eager and, with --compile,
+compiled with torch.compile (`t2v.models.stdit.compile_blocks`: every block one graph, the elementwise and layout work
+and the integer models' per-token activation quantization fused by inductor around the GEMMs and attention; the anchor
+compiled as its own script compiles it). Random weights.
+
+Variants (rows of the step table; every one in its own try/except, an error is printed and the run goes on):
+  bf16                              our bf16 model, eager
+  bf16 compiled                     compile_blocks: temporal attention as matmul-softmax-matmul (the default)
+  w8a8_int / w4a8_int               integer models, eager (fused producers off: the default)
+  w8a8_int compiled / w4a8_int ...  compile_blocks: int GEMM as a custom op, activation quantization in plain torch
+  anchor, anchor compiled           the bare bf16 block stack, ×28
+ with --extra, ablations: bf16 compiled with SDPA temporal attention; integer models with the fused producers
+ (`set_fusion`, eager) and compiled with the Triton act-quant kernel as an opaque op instead of inductor's fusion.
 
 Reported (markdown + JSON in --out):
-  step        ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight bytes
+  step        ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight bytes; compile seconds
   per GEMM    each distinct linear shape: our int kernels (W8A8, W4A8, and with their activation quantization)
               in TOPS vs torch bf16 matmul and torch._int_mm at the same shape, measured in this run; the
               quantization alone, and fused with its producer vs the eager producer followed by it
-  breakdown   torch.profiler device time of one step: GEMMs / attention / activation quantization (fused
-              producers included) / the rest
+  breakdown   torch.profiler device time of one step: GEMMs / attention / activation quantization (compiled: the
+              inductor kernels that quantize, with the producer fused into them) / the rest; top kernels per class
+              in the JSON and on the console
   numerics    relative L2 of the integer model vs the fake-quant model it came from (whole model, float32 without
-              TF32, W8A8 and W4A8), of the bf16 integer model vs the float32 fake-quant model, and fused vs unfused
+              TF32, W8A8 and W4A8), of the bf16 integer model vs the float32 fake-quant model, and compiled vs eager
 
-    python bench/bench_int_step.py --out logs/bench/int_step          # < 8 min on an H100, mostly Triton compile + autotune
-    python bench/bench_int_step.py --check --out logs/bench/int_check  # = bench/check_int_kernels.py, saved as JSON
+    python bench/bench_int_step.py --out logs/bench/int_step                      # eager only, < 8 min on an H100
+    python bench/bench_int_step.py --compile --out logs/bench/int_step_compiled   # + compiled variants
+    python bench/bench_int_step.py --compile --only anchor,bf16 --out D           # a subset (the 10-min limit of a
+    python bench/bench_int_step.py --compile --only w8a8 --merge --out D          #  device call): --merge adds rows
+    python bench/bench_int_step.py --check --out logs/bench/int_check             # = bench/check_int_kernels.py
 Needs a CUDA GPU and triton. The anchor defaults to .devcarry/anchor_block_stack.py (a copy of
-../shared/bench/anchor_block_stack.py); only its definitions run (the part before its `res = {}` line).
+../shared/bench/anchor_block_stack.py); only its definitions run (the part before its `res = {}` line). Every run
+times our bf16 eager step and the eager anchor (seconds), so ratios always compare rows measured in one process.
 """
 from __future__ import annotations
 
@@ -63,13 +78,21 @@ def _device_time_us(event) -> float:
 
 
 def classify_kernel(name: str) -> str:
-    """'gemm', 'attention', 'act_quant' or 'other' for a CUDA kernel name of the profiler."""
+    """'gemm', 'attention', 'act_quant' or 'other' for a CUDA kernel name of the profiler.
+
+    Inductor names its kernels after the (original aten) ops they fuse (`triton_red_fused__to_copy_add_amax_amin_...`,
+    at most 10 names): a fused kernel with a row min/max (softmax shows as `_softmax`) is an activation quantization,
+    with its producer fused in.
+    """
     low = name.lower()
     if "act_quant" in low:
         return "act_quant"
+    if "fused" in low and ("amax" in low or "amin" in low) and "softmax" not in low:
+        return "act_quant"
     if any(key in low for key in ("flash", "fmha", "sdpa", "attention", "softmax")):
         return "attention"
-    if any(key in low for key in ("gemm", "xmma", "nvjet", "cutlass", "int_mm", "matmul", "sm90_", "wgmma", "gemv")):
+    if any(key in low for key in ("gemm", "xmma", "nvjet", "cutlass", "int_mm", "matmul", "sm90_", "wgmma", "gemv",
+                                  "triton_tem_", "bmm")):  # triton_tem_: inductor's GEMM templates (max-autotune)
         return "gemm"
     return "other"
 
@@ -98,6 +121,15 @@ def step_breakdown(fn) -> dict:
     return result
 
 
+def print_breakdown(label: str, row: dict) -> None:
+    """The class totals and the top kernels of each class, on the console."""
+    print(f"  where {label}'s time goes: GEMMs {row['gemm_ms']:.1f}, attention {row['attention_ms']:.1f}, act quant "
+          f"{row['act_quant_ms']:.1f}, other {row['other_ms']:.1f} = {row['total_ms']:.1f} ms", flush=True)
+    for kind, items in row["top"].items():
+        for ms, name, count in items:
+            print(f"    {kind:9s} {ms:7.2f} ms  x{count:<5d} {name}", flush=True)
+
+
 def load_anchor(path: Path) -> dict:
     """Run the anchor script's definitions (everything before its `res = {}` line) and return its namespace."""
     if not path.is_file():
@@ -111,11 +143,15 @@ def load_anchor(path: Path) -> dict:
     return namespace
 
 
-def anchor_block_ms(namespace: dict) -> float:
-    """The anchor's own timing (its `bench`: median of 20 after 5 warm-ups) of its bf16 block, no grad."""
+def anchor_block_ms(namespace: dict, compiled: bool = False) -> float:
+    """The anchor's own timing (its `bench`: median of 20 after 5 warm-ups) of its bf16 block, no grad; compiled as
+    the anchor script compiles it (`torch.compile` of the block function with its defaults)."""
     block, lin, x, y = namespace["block"], namespace["lin_bf16"], namespace["x"], namespace["y"]
     with torch.no_grad():
-        return namespace["bench"](lambda: block(x, y, lin))
+        if not compiled:
+            return namespace["bench"](lambda: block(x, y, lin))
+        fn = torch.compile(lambda x, y: block(x, y, lin))
+        return namespace["bench"](lambda: fn(x, y))
 
 
 def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -145,14 +181,19 @@ def quantized_model(base: torch.nn.Module, qconfig, x, t, y, mask):
 
 
 def time_step(model, x, t, y, mask, iters, warmup) -> dict:
+    """Median ms of one step, peak GiB, and the seconds of the first call (compilation, autotuning)."""
     def step():
         with torch.no_grad():
             return model(x, t, y, mask=mask)
 
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    started = time.time()
+    step()
+    torch.cuda.synchronize()
+    first_s = time.time() - started
+    torch.cuda.reset_peak_memory_stats()  # after compilation and autotuning: the steady state's peak
     ms = cuda_time(step, iters, warmup)
-    return {"ms": ms, "peak_gib": _gib(torch.cuda.max_memory_allocated()), "step": step}
+    return {"ms": ms, "peak_gib": _gib(torch.cuda.max_memory_allocated()), "step": step, "first_call_s": first_s}
 
 
 def dit_weight_bytes(model) -> int:
@@ -226,26 +267,40 @@ def kernel_check() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
+ANCHOR = "anchor: bare bf16 block stack ×28"
+ANCHOR_COMPILED = "anchor compiled"
+
+
+def _ratio(base, value) -> str:
+    return f"{base / value:.2f}" if base and value else "–"
+
+
 def markdown(results: dict) -> str:
     lines = [f"# Integer STDiT-XL/2 step (16x512x512, CFG batch 2) — {results['device']}, torch {results['torch']}, "
              f"triton {results['triton']}, {results['date']}", ""]
-    lines += ["| variant | ms / step | × bare bf16 stack (speed-up) | × our bf16 (speed-up) | peak GiB | DiT weight MB | × bf16 bytes |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| variant | ms / step | × bare bf16 stack (speed-up) | × our bf16 (speed-up) | × our bf16 compiled | "
+              "peak GiB | DiT weight MB | × bf16 bytes | first call s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     steps = results["steps"]
-    anchor_ms = results.get("anchor", {}).get("step_ms")
     bf16 = steps.get("bf16", {})
+    compiled_ms = steps.get("bf16 compiled", {}).get("ms")
     for name, row in steps.items():
         if "ms" not in row:
-            lines.append(f"| {name} | error: {row.get('error', '?')} | | | | | |")
+            lines.append(f"| {name} | error: {row.get('error', '?')} | | | | | | | |")
             continue
-        vs_anchor = f"{anchor_ms / row['ms']:.2f}" if anchor_ms else "–"
-        vs_bf16 = f"{bf16['ms'] / row['ms']:.2f}" if "ms" in bf16 else "–"
-        ratio = f"{row['weight_bytes'] / bf16['weight_bytes']:.3f}" if "weight_bytes" in bf16 else "–"
-        lines.append(f"| {name} | {row['ms']:.1f} | {vs_anchor} | {vs_bf16} | {row['peak_gib']:.2f} | "
-                     f"{row['weight_bytes'] / 1e6:.0f} | {ratio} |")
-    if anchor_ms:
-        lines.append(f"| bare bf16 block stack (anchor, ×{DEPTH}) | {anchor_ms:.1f} | 1.00 | "
-                     f"{(bf16['ms'] / anchor_ms) if 'ms' in bf16 else float('nan'):.2f} | – | – | – |")
+        # baselines measured in the same process as the row (--merge joins runs)
+        anchor_ms = row.get("anchor_ms") or results.get("anchor", {}).get("step_ms")
+        bf16_ms = row.get("bf16_ms") or bf16.get("ms")
+        weights = row.get("weight_bytes")
+        mb = f"{weights / 1e6:.0f}" if weights else "–"
+        ratio = f"{weights / bf16['weight_bytes']:.3f}" if weights and "weight_bytes" in bf16 else "–"
+        peak = f"{row['peak_gib']:.2f}" if "peak_gib" in row else "–"
+        first = f"{row['first_call_s']:.0f}" if "first_call_s" in row else "–"
+        lines.append(f"| {name} | {row['ms']:.1f} | {_ratio(anchor_ms, row['ms'])} | {_ratio(bf16_ms, row['ms'])} | "
+                     f"{_ratio(compiled_ms, row['ms'])} | {peak} | {mb} | {ratio} | {first} |")
+    lines += ["", "Ratios to the bare stack and to our bf16 use the eager baselines timed in the same process as the "
+              "row; \"× our bf16 compiled\" uses the `bf16 compiled` row (another process's when runs were merged). "
+              "First call: seconds of the first step (compilation, autotuning)."]
     lines += ["", "## Per GEMM (TOPS = 2·M·K·N / time; ours: int8 codes in, bf16 out, zero points + bias fused)", "",
               "| shape | M×K×N | ×/block | bf16 matmul | torch._int_mm | ours W8A8 | ours W4A8 | act quant ms (GB/s) | "
               "W8A8 incl. quant | W4A8 incl. quant | producer + quant ms: fused / eager |",
@@ -258,35 +313,67 @@ def markdown(results: dict) -> str:
                      + (f"{row['fused_producer_ms']:.3f} / {row['eager_producer_ms']:.3f} |" if "fused_producer_ms" in row
                         else "– |"))
     lines += ["", "## Where one step's device time goes (torch.profiler, ms)", "",
+              "Compiled rows: \"activation quant\" counts inductor's kernels that quantize, with the LayerNorm + "
+              "modulate, GELU or layout copy that produces the activation fused in; the temporal attention's "
+              "matmuls (matmul-softmax-matmul) count as GEMMs, its softmax as attention.", "",
               "| variant | GEMMs | attention | activation quant | everything else | total |", "|---|---|---|---|---|---|"]
     for name, row in results.get("breakdown", {}).items():
         if "gemm_ms" in row:
             lines.append(f"| {name} | {row['gemm_ms']:.1f} | {row['attention_ms']:.1f} | {row['act_quant_ms']:.1f} | "
                          f"{row['other_ms']:.1f} | {row['total_ms']:.1f} |")
     lines += ["", "## Numerics (relative L2 of the model output)", "",
-              "| config | int fp32 vs fake-quant fp32 | int bf16 vs fake-quant fp32 | fused vs fusion off (bf16) | "
-              "fake-quant vs FP fp32 |", "|---|---|---|---|---|"]
+              "| config | int fp32 vs fake-quant fp32 | int bf16 vs fake-quant fp32 | fused producers vs off (bf16) | "
+              "compiled vs eager (bf16) | compiled vs fake-quant fp32 | fake-quant vs FP fp32 |",
+              "|---|---|---|---|---|---|---|"]
+
+    def cell(row, key):
+        return f"{row[key]:.2e}" if key in row else "–"
+
     for name, row in results.get("numerics", {}).items():
-        lines.append(f"| {name} | {row.get('int_fp32_vs_fake_fp32', float('nan')):.2e} | "
-                     f"{row.get('int_bf16_vs_fake_fp32', float('nan')):.2e} | "
-                     f"{row.get('fused_vs_unfused_bf16', float('nan')):.2e} | {row.get('fake_vs_fp', float('nan')):.2e} |")
+        lines.append(f"| {name} | {cell(row, 'int_fp32_vs_fake_fp32')} | {cell(row, 'int_bf16_vs_fake_fp32')} | "
+                     f"{cell(row, 'fused_vs_unfused_bf16')} | {cell(row, 'compiled_vs_eager_bf16')} | "
+                     f"{cell(row, 'compiled_vs_fake_fp32')} | {cell(row, 'fake_vs_fp')} |")
+    for name, row in results.get("numerics", {}).items():
+        for key, value in row.items():
+            if key not in NUMERICS_COLUMNS and isinstance(value, float):
+                lines.append(f"- {name}: {key}: {value:.2e}")
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {err}" for err in results["errors"]]
     return "\n".join(lines) + "\n"
 
 
+NUMERICS_COLUMNS = ("int_fp32_vs_fake_fp32", "int_bf16_vs_fake_fp32", "fused_vs_unfused_bf16", "compiled_vs_eager_bf16",
+                    "compiled_vs_fake_fp32", "fake_vs_fp", "prepare_s")
+
+
 # ------------------------------------------------------------------------------------------------ main
+GROUPS = ("anchor", "bf16", "w8a8", "w4a8")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (int_step.md + int_step.json, or int_check.json)")
     p.add_argument("--check", action="store_true", help="only the kernel-correctness self-test on ragged shapes")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants (compile_blocks)")
+    p.add_argument("--compile_mode", default=None,
+                   help="torch.compile mode of our compiled variants (default: torch's default; e.g. "
+                        "max-autotune-no-cudagraphs)")
+    p.add_argument("--extra", action="store_true", help="ablations: fused producers (eager), SDPA temporal attention "
+                                                        "and the Triton act-quant kernel (compiled)")
+    p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} "
+                                                            "(our bf16 eager step and the eager anchor always run)")
+    p.add_argument("--merge", action="store_true", help="add this run's rows to the int_step.json already in --out")
     p.add_argument("--anchor", default=str(REPO / ".devcarry/anchor_block_stack.py"), help="anchor_block_stack.py")
     p.add_argument("--w8a8", default=str(REPO / "configs/quant/w8a8_qvdit.yaml"), help="W8A8 quant config")
     p.add_argument("--w4a8", default=str(REPO / "configs/quant/w4a8_qvdit.yaml"), help="W4A8 quant config")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler breakdown")
+    p.add_argument("--no_gemm_table", action="store_true", help="skip the per-GEMM table")
     args = p.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    if only - set(GROUPS):
+        p.error(f"--only: unknown {sorted(only - set(GROUPS))}; choose from {list(GROUPS)}")
     if not torch.cuda.is_available():
         print("bench_int_step needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -303,49 +390,120 @@ def main(argv=None) -> int:
         print(f"{len(report['cases'])} variants, failed: {report['failed'] or 'none'}")
         return 1 if report["failed"] else 0
 
+    from qdiff.api import compile_model
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.lowbit import convert_to_int, set_fusion
 
     results: dict = {**environment(), "steps": {}, "breakdown": {}, "numerics": {}, "errors": []}
+    previous = out_dir / "int_step.json"
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        for key in ("steps", "breakdown", "numerics"):
+            results[key].update(old.get(key, {}))
+        results["errors"] = old.get("errors", [])
+        if "gemms" in old:
+            results["gemms"] = old["gemms"]
+    run_errors: list[str] = []
 
     def save() -> None:
+        results["errors"] = [e for e in results["errors"] if e not in run_errors] + run_errors
         clean = json.loads(json.dumps(results, default=str))
         (out_dir / "int_step.json").write_text(json.dumps(clean, indent=1))
         (out_dir / "int_step.md").write_text(markdown(clean))
 
+    def fail(label: str, exc: Exception) -> None:
+        print(f"{label}: FAILED {exc!r}", flush=True)
+        results["steps"][label] = {"error": repr(exc)[:300]}
+        run_errors.append(f"{label}: {exc!r}"[:600])
+
+    def release() -> None:
+        torch._dynamo.reset()  # drop compiled graphs (and their memory) between variants
+        gc.collect()
+        torch.cuda.empty_cache()
+
     # 1. the bare bf16 block stack (anchor), first: nothing else on the GPU yet
+    anchor_ms = None
     try:
         namespace = load_anchor(Path(args.anchor))
         block_ms = anchor_block_ms(namespace)
-        results["anchor"] = {"block_ms": block_ms, "step_ms": block_ms * DEPTH, "path": args.anchor}
-        print(f"anchor bare bf16 block: {block_ms:.2f} ms ({block_ms * DEPTH:.1f} ms / step)", flush=True)
+        anchor_ms = block_ms * DEPTH
+        results["anchor"] = {"block_ms": block_ms, "step_ms": anchor_ms, "path": args.anchor}
+        results["steps"][ANCHOR] = {"ms": anchor_ms, "anchor_ms": anchor_ms}
+        print(f"anchor bare bf16 block: {block_ms:.2f} ms ({anchor_ms:.1f} ms / step)", flush=True)
+        if args.compile and "anchor" in only:
+            try:
+                started_compile = time.time()
+                compiled_block_ms = anchor_block_ms(namespace, compiled=True)
+                results["steps"][ANCHOR_COMPILED] = {"ms": compiled_block_ms * DEPTH, "anchor_ms": anchor_ms,
+                                                     "first_call_s": time.time() - started_compile}
+                print(f"anchor compiled: {compiled_block_ms:.2f} ms ({compiled_block_ms * DEPTH:.1f} ms / step)",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the rest
+                fail(ANCHOR_COMPILED, exc)
         namespace.clear()
     except Exception as exc:  # noqa: BLE001 - report and go on with the rest
-        results["errors"].append(f"anchor: {exc!r}")
-    gc.collect()
-    torch.cuda.empty_cache()
+        fail(ANCHOR, exc)
+    release()
 
-    # 2. the float32 master model and inputs; our bf16 step
+    # 2. the float32 master model and inputs; our bf16 step, eager (always: the baseline of every ratio) and compiled
     torch.backends.cuda.matmul.allow_tf32 = False  # numerics below compare float32 models exactly
     base = build_model(torch.float32)
     x32, t, y32, mask = inputs(torch.float32)
     x16, y16 = x32.bfloat16(), y32.bfloat16()
     with torch.no_grad():
         fp_out = base(x32, t, y32, mask=mask)
-    model = copy.deepcopy(base).to(torch.bfloat16)
     base.cpu()  # peak memory of a step counts only the model that runs
-    timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
-    results["steps"]["bf16"] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"], "weight_bytes": dit_weight_bytes(model)}
-    print(f"our bf16 step: {timing['ms']:.1f} ms", flush=True)
-    if not args.no_profile:
-        results["breakdown"]["bf16"] = step_breakdown(timing["step"])
-    del model, timing
-    base.cuda()
+    bf16_ms = None
+
+    def record(label: str, model, timing: dict, profile: bool) -> None:
+        results["steps"][label] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"],
+                                   "weight_bytes": dit_weight_bytes(model), "first_call_s": timing["first_call_s"],
+                                   "bf16_ms": bf16_ms, "anchor_ms": anchor_ms}
+        print(f"{label}: {timing['ms']:.1f} ms (first call {timing['first_call_s']:.0f} s)", flush=True)
+        if profile and not args.no_profile:
+            try:
+                results["breakdown"][label] = step_breakdown(timing["step"])
+                print_breakdown(label, results["breakdown"][label])
+            except Exception as exc:  # noqa: BLE001
+                run_errors.append(f"{label} profile: {exc!r}"[:600])
+
+    try:
+        model = copy.deepcopy(base).cuda().to(torch.bfloat16)
+        timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
+        bf16_ms = timing["ms"]
+        record("bf16", model, timing, "bf16" in only)
+        with torch.no_grad():
+            eager_out = timing["step"]()
+        del timing
+        if args.compile and "bf16" in only:
+            variants = [("bf16 compiled", "math")] + ([("bf16 compiled (SDPA temporal)", "sdpa")] if args.extra else [])
+            for label, attention in variants:
+                try:
+                    compile_model(model, mode=args.compile_mode, temporal_attention=attention)
+                    timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
+                    record(label, model, timing, True)
+                    with torch.no_grad():
+                        key = "compiled_vs_eager_bf16" if attention == "math" else f"{label} vs eager (bf16)"
+                        results["numerics"].setdefault("bf16", {})[key] = relative_l2(timing["step"](), eager_out)
+                    print(f"{label}: rel L2 vs eager {results['numerics']['bf16'][key]:.2e}", flush=True)
+                    del timing
+                except Exception as exc:  # noqa: BLE001
+                    fail(label, exc)
+                compile_model(model, enabled=False)
+                release()
+        del model, eager_out
+    except Exception as exc:  # noqa: BLE001
+        fail("bf16", exc)
+    release()
     save()
 
-    # 3. W8A8 and W4A8 integer models: numerics vs their fake-quant models, then the bf16 integer step
+    # 3. W8A8 and W4A8 integer models: numerics vs their fake-quant models, then the bf16 integer steps
     for name, yaml_path in (("w8a8_int", args.w8a8), ("w4a8_int", args.w4a8)):
+        if name.split("_")[0] not in only:
+            continue
+        qmodel = fake = None
         try:
+            base.cuda()
             qconfig = apply_overrides(QuantConfig.from_yaml(yaml_path), ["distill.enabled=false"])
             t0 = time.time()
             qmodel = quantized_model(base, qconfig, x32, t, y32, mask)
@@ -355,50 +513,70 @@ def main(argv=None) -> int:
                 int_out = qmodel(x32, t, y32, mask=mask)
             numerics = {"config": yaml_path, "int_fp32_vs_fake_fp32": relative_l2(int_out, fake),
                         "fake_vs_fp": relative_l2(fake, fp_out), "prepare_s": time.time() - t0}
+            results["numerics"][name] = numerics
+            del int_out
             qmodel.to(torch.bfloat16)  # IntLinear keeps its float32 scales; the rest of the model goes bf16
             base.cpu()
-            gc.collect()
-            torch.cuda.empty_cache()
-            for fused in (True, False):  # fused producers (the default), then the ablation
+            release()
+        except Exception as exc:  # noqa: BLE001
+            fail(name, exc)
+            base.cpu()
+            qmodel = None
+            release()
+            save()
+            continue
+        # (label, fusion on, compiled, compiled act quant)
+        variants = [(name, False, False, None)]
+        if args.extra:
+            variants.append((f"{name} (fused producers)", True, False, None))
+        if args.compile:
+            variants.append((f"{name} compiled", False, True, "torch"))
+            if args.extra:
+                variants.append((f"{name} compiled (act-quant kernel)", False, True, "kernel"))
+        eager_half = None
+        for label, fused, compiled, act_quant in variants:
+            try:
                 set_fusion(qmodel, fused)
-                label = name if fused else f"{name} (fusion off)"
+                if compiled:
+                    compile_model(qmodel, mode=args.compile_mode, int_act_quant=act_quant)
                 timing = time_step(qmodel, x16, t, y16, mask, args.iters, args.warmup)
                 with torch.no_grad():
                     half_out = timing["step"]()
-                if fused:
-                    fused_out = half_out
+                if label == name:
+                    eager_half = half_out
                     numerics["int_bf16_vs_fake_fp32"] = relative_l2(half_out, fake)
-                else:
-                    numerics["fused_vs_unfused_bf16"] = relative_l2(fused_out, half_out)
-                results["steps"][label] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"],
-                                           "weight_bytes": dit_weight_bytes(qmodel)}
-                print(f"{label}: {timing['ms']:.1f} ms", flush=True)
-                if not args.no_profile:
-                    results["breakdown"][label] = step_breakdown(timing["step"])
+                elif eager_half is not None:  # (the eager variant failed: no comparison)
+                    key = ("fused_vs_unfused_bf16" if fused else "compiled_vs_eager_bf16" if act_quant == "torch"
+                           else f"{label} vs eager (bf16)")
+                    numerics[key] = relative_l2(half_out, eager_half)
+                if compiled and act_quant == "torch":
+                    numerics["compiled_vs_fake_fp32"] = relative_l2(half_out, fake)
+                record(label, qmodel, timing, True)
                 del timing, half_out
-            results["numerics"][name] = numerics
-            print(f"{name}: rel L2 vs fake quant {numerics['int_fp32_vs_fake_fp32']:.2e} (fp32), "
-                  f"{numerics['int_bf16_vs_fake_fp32']:.2e} (bf16); fused vs unfused {numerics['fused_vs_unfused_bf16']:.2e}",
-                  flush=True)
-            del qmodel, fake, int_out, fused_out
-        except Exception as exc:  # noqa: BLE001
-            results["steps"][name] = {"error": repr(exc)[:300]}
-            results["errors"].append(f"{name}: {exc!r}")
-        base.cuda()
-        gc.collect()
-        torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001
+                fail(label, exc)
+            if compiled:
+                compile_model(qmodel, enabled=False)
+            set_fusion(qmodel, False)
+            release()
+            save()
+        print(f"{name}: " + ", ".join(f"{key} {value:.2e}" for key, value in numerics.items()
+                                       if isinstance(value, float) and key != "prepare_s"), flush=True)
+        del qmodel, fake, eager_half
+        release()
         save()
     del base
 
     # 4. per-GEMM rates
-    try:
-        results["gemms"] = gemm_table(max(args.iters, 20), args.warmup)
-    except Exception as exc:  # noqa: BLE001
-        results["errors"].append(f"gemm table: {exc!r}")
+    if not args.no_gemm_table:
+        try:
+            results["gemms"] = gemm_table(max(args.iters, 20), args.warmup)
+        except Exception as exc:  # noqa: BLE001
+            run_errors.append(f"gemm table: {exc!r}")
     results["wall_s"] = time.time() - started
     save()
     print((out_dir / "int_step.md").read_text())
-    return 0 if not results["errors"] else 1
+    return 0 if not run_errors else 1
 
 
 if __name__ == "__main__":

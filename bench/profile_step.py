@@ -1,7 +1,10 @@
 """Where one STDiT-XL/2 step (16x512x512, CFG batch 2, bf16) spends its GPU time: torch.profiler tables for
 the bf16 model and the W4A8 fake-quant model, plus the per-token fake-quant kernel's bandwidth.
 
-    python bench/profile_step.py [--rows 25]
+    python bench/profile_step.py [--rows 25] [--compile]
+
+--compile profiles each model eager and then compiled (`t2v.models.stdit.compile_blocks`; the first compiled call,
+which compiles, runs before the profiled one). The integer models: bench/bench_int_step.py (its breakdown).
 """
 from __future__ import annotations
 
@@ -45,9 +48,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--quant_config", default=str(REPO / "configs/quant/w4a8_qvdit.yaml"))
+    p.add_argument("--compile", action="store_true", help="also profile each model compiled (compile_blocks)")
+    p.add_argument("--compile_mode", default=None, help="torch.compile mode for --compile")
     args = p.parse_args(argv)
     from qdiff.api import fold_model, init_weight_quantizers, quantize_model, set_quant_state
     from qdiff.config import QuantConfig
+    from t2v.models.stdit import compile_blocks
 
     kernel_bandwidth()
     model = build_model(torch.bfloat16)
@@ -57,13 +63,24 @@ def main(argv=None) -> int:
         with torch.no_grad():
             model(x, t, y, mask=mask)
 
-    profile(step, args.rows, "bf16 step")
+    def profile_both(title: str) -> None:
+        profile(step, args.rows, title)
+        if args.compile:
+            try:
+                compile_blocks(model, mode=args.compile_mode)
+                profile(step, args.rows, f"{title}, compiled")
+            except Exception as exc:  # noqa: BLE001 - report and go on with the eager profiles
+                print(f"\n=== {title}, compiled: FAILED {exc!r} ===")
+            compile_blocks(model, enabled=False)
+            torch._dynamo.reset()
+
+    profile_both("bf16 step")
     quantize_model(model, QuantConfig.from_yaml(args.quant_config), adapter="stdit")
     set_quant_state(model, weight=True, act=True)
     init_weight_quantizers(model)
-    profile(step, args.rows, "w4a8 fake quant + TQE (unfolded)")
+    profile_both("w4a8 fake quant + TQE (unfolded)")
     fold_model(model)
-    profile(step, args.rows, "w4a8 folded")
+    profile_both("w4a8 folded")
     return 0
 
 

@@ -264,6 +264,100 @@ def fold_model(model: nn.Module) -> None:
             layer.fold()
 
 
+# ------------------------------------------------------------------------------ torch.compile
+COMPILE_BACKENDS_WITH_OPTIONS = ("inductor",)
+# inductor settings that make compiled float math round as eager does (opt-in: they cost some speed); those
+# missing from the installed torch are skipped
+EXACT_INDUCTOR_OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}
+
+
+def _inductor_has(option: str) -> bool:
+    import torch._inductor.config as inductor_config
+
+    target = inductor_config
+    for part in option.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
+
+
+def prepare_compile(model: nn.Module, int_act_quant: str = "torch") -> None:
+    """Make every quantized layer's host-side state ready, so compiled forwards neither sync nor mutate modules.
+
+    QuantLinear: weight quantizers' and static activation quantizers' "initialised / observed" host mirrors are read
+    once now. IntLinear: w_colsum and the static range are derived (`IntLinear.prepare`), and `int_act_quant`
+    selects its compiled activation quantization ("torch": plain ops the compiler fuses; "kernel": the Triton
+    kernel as an opaque custom op, for dynamic ranges; static ranges always use the plain ops). Also raises dynamo's
+    recompile limits: blocks of one class share a code object, and mixed-precision layers add guarded variants.
+    """
+    from qdiff.lowbit.int_linear import COMPILE_ACT_QUANT, IntLinear
+
+    if int_act_quant not in COMPILE_ACT_QUANT:
+        raise ValueError(f"int_act_quant: expected one of {list(COMPILE_ACT_QUANT)}, got {int_act_quant!r}")
+    for module in model.modules():
+        if isinstance(module, IntLinear):
+            module.prepare()
+            module.compile_act_quant = int_act_quant
+        elif isinstance(module, QuantLinear):
+            quantizers = [module.weight_quantizer, *module.step_weight_quantizers.values()]
+            for quantizer in quantizers:
+                if quantizer is not None:
+                    for r in range(quantizer.num_ranges):
+                        quantizer.is_initialized(r)
+            if isinstance(module.act_quantizer, StaticActQuantizer):
+                for r in range(module.act_quantizer.num_ranges):
+                    module.act_quantizer.is_observed(r)
+    import torch._dynamo.config as dynamo_config
+
+    for name, floor in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 1024),
+                        ("accumulated_cache_size_limit", 1024)):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), floor))
+
+
+def compile_model(model: nn.Module, enabled: bool = True, *, modules: Sequence[nn.Module] | None = None,
+                  mode: str | None = None, fullgraph: bool = True, dynamic: bool = False, backend: str = "inductor",
+                  exact: bool = False, int_act_quant: str = "torch", **adapter_kwargs) -> nn.Module:
+    """torch.compile a (quantized) model for inference, in place; returns the model.
+
+    Each of `modules` (default: the model itself; a model with a ``compile_blocks`` method, such as STDiT, is handed
+    to it, which compiles its blocks) is compiled with ``nn.Module.compile``: names, state dicts and hooks stay as
+    they were. QuantLinear, IntLinear and their Triton kernels compile without graph breaks: the kernels are opaque
+    custom ops (`qdiff.kernels.ops`) and per-token activation quantization is plain torch ops that the compiler fuses
+    into the producing op. `prepare_compile` runs first.
+
+    mode: torch.compile mode (None = "default"; "max-autotune-no-cudagraphs" tries Triton GEMM templates too).
+    fullgraph: raise on a graph break instead of splitting. dynamic: False = static shapes (recompile per shape).
+    backend: "inductor", or "aot_eager" / "eager" for debugging. exact: inductor rounds float intermediates and
+    divides as eager does (``EXACT_INDUCTOR_OPTIONS``; slower). int_act_quant: see `prepare_compile`.
+    enabled=False: every module runs eagerly again. Compilation itself happens at each module's first call.
+    """
+    if modules is None and callable(getattr(model, "compile_blocks", None)):
+        return model.compile_blocks(enabled, mode=mode, fullgraph=fullgraph, backend=backend, exact=exact,
+                                    int_act_quant=int_act_quant, **adapter_kwargs)
+    if adapter_kwargs:
+        raise TypeError(f"compile_model: unexpected arguments {sorted(adapter_kwargs)}")
+    modules = [model] if modules is None else list(modules)
+    if not enabled:
+        for module in modules:
+            module._compiled_call_impl = None  # what nn.Module.compile sets
+        return model
+    prepare_compile(model, int_act_quant)
+    kwargs = dict(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    if exact and backend in COMPILE_BACKENDS_WITH_OPTIONS:
+        import torch._inductor
+
+        options = dict(torch._inductor.list_mode_options(mode, dynamic)) if mode else {}
+        options.update({key: value for key, value in EXACT_INDUCTOR_OPTIONS.items() if _inductor_has(key)})
+        kwargs["options"] = options
+    elif mode is not None:
+        kwargs["mode"] = mode
+    for module in modules:
+        module.compile(**kwargs)
+    return model
+
+
 # ------------------------------------------------------------------------------ save / load
 def _layer_table(model: nn.Module) -> dict[str, dict]:
     table = {}

@@ -93,6 +93,14 @@ def _real(positive: bool) -> Callable[[str, Any], float]:
     return check
 
 
+def _fraction(key: str, value: Any) -> float:
+    """A float in (0, 1]."""
+    number = _real(positive=True)(key, value)
+    if number > 1:
+        raise ConfigError(f"{key}: expected a fraction in (0, 1], got {value!r}")
+    return number
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def check(key: str, value: Any) -> str:
         if value not in allowed:
@@ -179,6 +187,8 @@ class DistillConfig:
     fp_targets: str = "precompute"  # FP outputs once per calibration row ("online": teacher every iteration)
     fused_weights: bool = False  # W_eff once per iteration, fused forward + STE backward (slower on an H100)
     checkpoint_blocks: int | str = "auto"  # blocks recomputed in backward: "auto" (fit memory), "all" or a count
+    checkpoint_memory_fraction: float = 0.85  # "auto": share of the GPU memory available to the run a step may peak at
+    compile: bool = False  # torch.compile(dynamic=False) each checkpointable block for the run
 
     def __post_init__(self) -> None:
         _check_fields(self, {
@@ -198,6 +208,8 @@ class DistillConfig:
             "fp_targets": _choice("precompute", "online"),
             "fused_weights": _boolean,
             "checkpoint_blocks": _count_or("auto", "all"),
+            "checkpoint_memory_fraction": _fraction,
+            "compile": _boolean,
         })
 
     def to_dict(self) -> dict[str, Any]:

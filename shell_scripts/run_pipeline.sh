@@ -6,16 +6,18 @@
 #   bash shell_scripts/run_pipeline.sh --preset opensora-16x512x512 \
 #        --ckpt logs/split_ckpt/OpenSora-v1-HQ-16x512x512-split.safetensors [--text_embeds FILE]
 #
-# Env overrides: RUN (output folder), METHODS (quant config names in configs/quant/), GPU.
+# Env overrides: RUN (output folder), METHODS (quant config names in configs/quant/), GPU, and for shortened runs
+# (bench/fullsize_pipeline.sh): CFG (inference config), NUM_PROMPTS (prompts; also calib.n_prompts),
+# SAMPLING_STEPS (stages 2, 3, 5; calibration then uses every captured step: calib.n_steps), DISTILL_ITERS.
 set -euo pipefail
 
-PRESET=tiny; CKPT=""; TEXT_EMBEDS=""
+PRESET=tiny; CKPT=""; TEXT_EMBEDS=""; CFG_ENV=${CFG:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2;;
     --ckpt) CKPT=$2; shift 2;;
     --text_embeds) TEXT_EMBEDS=$2; shift 2;;
-    -h|--help) sed -n 2,10p "$0"; exit 0;;
+    -h|--help) sed -n 2,12p "$0"; exit 0;;
     *) echo "run_pipeline.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -40,24 +42,34 @@ case "$PRESET" in
   *) echo "run_pipeline.sh: unknown preset $PRESET (tiny | opensora-16x512x512)" >&2; exit 2;;
 esac
 
-COMMON=()
+CFG=${CFG_ENV:-$CFG}
+if [ -n "${NUM_PROMPTS:-}" ]; then NPROMPTS=$NUM_PROMPTS; QUANT_SET+=(--set "calib.n_prompts=$NUM_PROMPTS"); fi
+SAMPLE=()
+if [ -n "${SAMPLING_STEPS:-}" ]; then
+  SAMPLE+=(--num_sampling_steps "$SAMPLING_STEPS"); QUANT_SET+=(--set "calib.n_steps=$SAMPLING_STEPS")
+fi
+if [ -n "${DISTILL_ITERS:-}" ]; then QUANT_SET+=(--set "distill.iterations=$DISTILL_ITERS"); fi
+
+COMMON=()  # every stage
 if [ -n "$CKPT" ]; then COMMON+=(--ckpt_path "$CKPT"); fi
-if [ -n "$TEXT_EMBEDS" ]; then COMMON+=(--precompute_text_embeds "$TEXT_EMBEDS"); fi
+TEXT=()  # the sampling stages (2, 3, 5); stage 4 reads the embeddings stored in the calibration data
+if [ -n "$TEXT_EMBEDS" ]; then TEXT+=(--precompute_text_embeds "$TEXT_EMBEDS"); fi
 export CUDA_VISIBLE_DEVICES=${GPU:-${CUDA_VISIBLE_DEVICES:-0}}
 
-echo "== stage 2: FP inference -> $RUN/fp"
-python -m t2v.scripts.inference "$CFG" "${COMMON[@]}" --outdir "$RUN/fp" --num_prompts "$NPROMPTS" --overwrite
-echo "== stage 3: calibration data -> $RUN/calib_data"
-python -m t2v.scripts.get_calib_data "$CFG" "${COMMON[@]}" --outdir "$RUN/calib_data" --data_num "$NPROMPTS" --overwrite
+echo "== [${SECONDS}s] stage 2: FP inference -> $RUN/fp"
+python -m t2v.scripts.inference "$CFG" "${COMMON[@]}" "${TEXT[@]}" "${SAMPLE[@]}" --outdir "$RUN/fp" --num_prompts "$NPROMPTS" --overwrite
+echo "== [${SECONDS}s] stage 3: calibration data -> $RUN/calib_data"
+python -m t2v.scripts.get_calib_data "$CFG" "${COMMON[@]}" "${TEXT[@]}" "${SAMPLE[@]}" --outdir "$RUN/calib_data" \
+  --data_num "$NPROMPTS" --overwrite
 RUNS=()
 for method in $METHODS; do
-  echo "== stage 4: calibration $method -> $RUN/$method"
+  echo "== [${SECONDS}s] stage 4: calibration $method -> $RUN/$method"
   python -m t2v.scripts.calib "$CFG" "${COMMON[@]}" --quant_config "configs/quant/$method.yaml" \
     --calib_data "$RUN/calib_data" --outdir "$RUN/$method" --overwrite --no_progress "${QUANT_SET[@]}"
-  echo "== stage 5: quantized inference $method -> $RUN/$method/videos"
-  python -m t2v.scripts.quant_inference "$CFG" "${COMMON[@]}" --calib_dir "$RUN/$method" \
+  echo "== [${SECONDS}s] stage 5: quantized inference $method -> $RUN/$method/videos"
+  python -m t2v.scripts.quant_inference "$CFG" "${COMMON[@]}" "${TEXT[@]}" "${SAMPLE[@]}" --calib_dir "$RUN/$method" \
     --outdir "$RUN/$method/videos" --num_prompts "$NPROMPTS" --overwrite
   RUNS+=("$RUN/$method/videos")
 done
-echo "== FP vs quantized"
+echo "== [${SECONDS}s] FP vs quantized"
 python -m t2v.scripts.compare_videos "$RUN/fp" "${RUNS[@]}" --names $METHODS --out "$RUN/comparison.md" --overwrite

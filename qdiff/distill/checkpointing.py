@@ -1,26 +1,42 @@
-"""Gradient checkpointing of some of a model's blocks (`distill.checkpoint_blocks`).
+"""Gradient checkpointing (and optional torch.compile) of some of a model's blocks during distillation.
 
     with checkpointed(model.blocks[:k]):   # these k blocks are recomputed in the backward pass
         loss.backward()
 
 Checkpointing every block keeps only the block inputs but runs every block's forward twice; each
-block left out saves that recompute and costs its saved activations instead (~5 GB per STDiT-XL/2
-block at batch 4, 16x512x512). `auto_checkpoint_count` picks the fewest checkpointed blocks whose
-measured peak memory fits a limit. Recomputation repeats the same operations, so the gradients do
-not depend on which blocks are checkpointed.
+block left out saves that recompute and costs its saved activations instead (several GiB per
+STDiT-XL/2 block at batch 4, 16x512x512). `distill.checkpoint_blocks: auto` measures that cost and
+leaves as many blocks unchecked as fit a share of the GPU memory (`probe_checkpoint_count`, deciding
+with `plan_checkpoint_count`). Recomputation repeats the same operations, so the gradients do not
+depend on which blocks are checkpointed.
+
+Why the measurement is of the memory held after the forward, not of the step's peak: the first
+blocks are checkpointed and the last ones are not, so the unchecked blocks run their backward first.
+With one block unchecked, the step's peak is that block's backward, and with every block checkpointed
+it is the backward of a recomputed block; both hold one block's activations, so the peaks are equal
+and their difference says nothing (the probe before issue 4's fix read it as "no saving" and then
+walked through ~28 out-of-memory probes back to all checkpointed). What each unchecked block adds is
+visible at the end of the forward: the memory still allocated there, with one block unchecked minus
+with none, is that block's saved activations minus the input a checkpointed block keeps.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["auto_checkpoint_count", "checkpointed"]
+__all__ = ["CheckpointPlan", "checkpointed", "compiled", "plan_checkpoint_count", "probe_checkpoint_count"]
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
 
 
 @contextmanager
@@ -28,16 +44,43 @@ def checkpointed(modules: Sequence[nn.Module]):
     """For the duration, each of `modules` runs under non-reentrant `torch.utils.checkpoint` when grad is on.
 
     The module objects, their parameter names and state dicts are untouched (an instance `forward`
-    shadows the class's, and is removed on exit).
+    shadows the class's, and the previous instance attribute, e.g. a compiled forward, is restored on exit).
     """
     modules = list(modules)
+    previous = [vars(module).get("forward") for module in modules]
     for module in modules:
         module.forward = functools.partial(_checkpoint_call, module.forward)
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, before in zip(modules, previous):
+            _restore_forward(module, before)
+
+
+@contextmanager
+def compiled(modules: Sequence[nn.Module], **compile_kwargs):
+    """For the duration, each of `modules` runs `torch.compile(module.forward, dynamic=False, **compile_kwargs)`.
+
+    Inside `checkpointed`, the checkpoint wraps the compiled forward (the recompute runs the compiled code
+    again). Parameters and state dicts are untouched; the eager forward is back on exit.
+    """
+    modules = list(modules)
+    compile_kwargs = {"dynamic": False, **compile_kwargs}
+    previous = [vars(module).get("forward") for module in modules]
+    for module in modules:
+        module.forward = torch.compile(module.forward, **compile_kwargs)
+    try:
+        yield
+    finally:
+        for module, before in zip(modules, previous):
+            _restore_forward(module, before)
+
+
+def _restore_forward(module: nn.Module, before) -> None:
+    if before is None:
+        vars(module).pop("forward", None)
+    else:
+        module.forward = before
 
 
 def _checkpoint_call(forward: Callable, *args, **kwargs):
@@ -46,29 +89,91 @@ def _checkpoint_call(forward: Callable, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def auto_checkpoint_count(num_blocks: int, peak_bytes: Callable[[int], float], limit_bytes: float) -> int:
-    """The fewest checkpointed blocks (the first k of `num_blocks`) whose training step fits `limit_bytes`.
+@dataclass
+class CheckpointPlan:
+    """What `probe_checkpoint_count` measured and chose (bytes; None where not measured)."""
 
-    `peak_bytes(k)` runs one forward + backward with k blocks checkpointed and returns its peak memory
-    (raising torch.OutOfMemoryError if it does not fit). The saving per block is measured from
-    k = n and k = n − 1, the count estimated from it, then checked (and raised where it does not fit).
+    checkpointed: int
+    num_blocks: int
+    budget: float | None = None
+    available: float | None = None
+    peak_all: float | None = None
+    per_block: float | None = None
+    verified_peak: float | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One log line with the numbers."""
+        def gib(value):
+            return "?" if value is None else f"{value / GIB:.2f}"
+
+        fraction = "" if not self.available else f" ({self.budget / self.available:.0%} of {gib(self.available)} GiB available)"
+        return (f"checkpoint_blocks auto: {self.num_blocks - self.checkpointed} of {self.num_blocks} blocks unchecked, "
+                f"{self.checkpointed} checkpointed; budget {gib(self.budget)} GiB{fraction}, peak with all checkpointed "
+                f"{gib(self.peak_all)} GiB, {gib(self.per_block)} GiB per unchecked block, verified peak "
+                f"{gib(self.verified_peak)} GiB" + (f"; {self.reason}" if self.reason else ""))
+
+
+def plan_checkpoint_count(num_blocks: int, peak_all: float, per_block: float, budget: float) -> int:
+    """How many blocks to checkpoint (the first ones) so that the step's peak stays within `budget`.
+
+    peak_all: the measured peak of a step with every block checkpointed; per_block: the memory one more
+    unchecked block keeps until the backward. A step with u unchecked blocks peaks at most at
+    peak_all + u·per_block (the all-checkpointed peak already holds one recomputed block's activations,
+    so this is one block conservative), hence u = floor((budget − peak_all) / per_block), within [0, n].
+    A non-positive or non-finite per_block means the measurement failed: everything stays checkpointed.
     """
-    peak_all = peak_bytes(num_blocks)
-    if num_blocks == 0 or peak_all > limit_bytes:
-        return num_blocks
-    try:
-        per_block = peak_bytes(num_blocks - 1) - peak_all
-    except torch.OutOfMemoryError:
-        return num_blocks
-    if per_block <= 0:  # recomputing saves nothing here
+    if num_blocks <= 0:
         return 0
-    count = num_blocks - min(num_blocks, math.floor((limit_bytes - peak_all) / per_block))
-    while count < num_blocks:
+    if not math.isfinite(per_block) or per_block <= 0 or not math.isfinite(peak_all) or peak_all > budget:
+        return num_blocks
+    unchecked = min(num_blocks, math.floor((budget - peak_all) / per_block))
+    return num_blocks - unchecked
+
+
+def probe_checkpoint_count(num_blocks: int, probe: Callable[[int], tuple[float, float]], budget: float,
+                           available: float | None = None, max_retries: int = 3) -> CheckpointPlan:
+    """Measure, decide and verify the number of checkpointed blocks for "auto".
+
+    probe(count) runs one training step (forward + backward, no optimizer step) with the first `count`
+    blocks checkpointed and returns (bytes allocated at the end of the forward, peak bytes of the step);
+    it may raise torch.OutOfMemoryError. Steps: probe(n) and probe(n − 1) give peak_all and the
+    per-block cost (held(n − 1) − held(n)); `plan_checkpoint_count` picks the count; one more probe at
+    that count checks the peak, and where it exceeds the budget the count is raised by the excess over
+    the per-block cost (at most `max_retries` times). Any out-of-memory error, or a count that still does
+    not fit, gives every block checkpointed: the probe never leaves the run worse off than "all".
+    """
+    plan = CheckpointPlan(checkpointed=num_blocks, num_blocks=num_blocks, budget=budget, available=available)
+    if num_blocks == 0:
+        plan.checkpointed, plan.reason = 0, "no blocks"
+        return plan
+    try:
+        held_all, plan.peak_all = probe(num_blocks)
+        held_one, _ = probe(num_blocks - 1)
+    except torch.OutOfMemoryError:
+        plan.reason = "a probe step ran out of memory: all checkpointed"
+        return plan
+    plan.per_block = held_one - held_all
+    count = plan_checkpoint_count(num_blocks, plan.peak_all, plan.per_block, budget)
+    if plan.per_block <= 0:
+        plan.reason = "per-block cost not measurable: all checkpointed"
+        return plan
+    if count == num_blocks:
+        plan.verified_peak = plan.peak_all
+        plan.reason = "no unchecked block fits the budget" if plan.peak_all + plan.per_block > budget else ""
+        return plan
+    for _ in range(max_retries):
         try:
-            excess = peak_bytes(count) - limit_bytes
+            _, peak = probe(count)
         except torch.OutOfMemoryError:
-            excess = per_block
-        if excess <= 0:
+            peak = float("inf")
+        if peak <= budget:
+            plan.checkpointed, plan.verified_peak = count, peak
+            return plan
+        excess = plan.per_block if not math.isfinite(peak) else peak - budget
+        count = min(num_blocks, count + max(1, math.ceil(excess / plan.per_block)))
+        if count == num_blocks:
             break
-        count = min(num_blocks, count + math.ceil(excess / per_block))
-    return count
+    plan.checkpointed, plan.verified_peak = num_blocks, plan.peak_all
+    plan.reason = "the chosen count did not fit when verified: all checkpointed"
+    return plan

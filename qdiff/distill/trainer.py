@@ -20,9 +20,15 @@ Speed (issue 4):
   CPU. On CUDA B·A is now an fp32 product, as at inference; false = each layer call rebuilds W_eff
   under autocast (B·A in bf16 there), the behaviour before.
 - Gradient checkpointing of `checkpoint_modules` (the caller's blocks) when `cfg.grad_checkpointing`:
-  `cfg.checkpoint_blocks` of them, the first ones ("all", an int, or "auto": on CUDA the fewest
-  whose measured peak fits 85% of the device memory, from probe steps (forward + backward, no
-  optimizer step) before the loop; on CPU all). Which blocks are recomputed changes nothing else.
+  `cfg.checkpoint_blocks` of them, the first ones ("all", an int, or "auto": on CUDA as many blocks
+  unchecked as fit `cfg.checkpoint_memory_fraction` (0.85) of the memory available to the run (free +
+  already reserved by this process), from three or four probe steps before the loop (forward + backward,
+  no optimizer step): the peak with every block checkpointed, the memory one unchecked block keeps
+  after the forward, and a check of the chosen count; any out-of-memory probe means all checkpointed;
+  on CPU all; see `qdiff.distill.checkpointing`). Which blocks are recomputed changes nothing else.
+- `cfg.compile`: each of `checkpoint_modules` runs `torch.compile(forward, dynamic=False)` for the run
+  (inside the checkpoint wrapper, so the recompute is compiled too). The first iteration (or the
+  "auto" probe) pays the compilation; a block that graph-breaks still computes the same function.
 - The teacher is whatever `teacher_fn` does: stage 4 passes targets computed once per calibration
   row (`t2v.pipeline.calib_data.fp_targets`) instead of running the FP model every iteration.
 
@@ -60,7 +66,7 @@ from tqdm import tqdm
 
 from qdiff.api import quant_layers, quant_state, trainable_parameters
 from qdiff.config import DistillConfig
-from qdiff.distill.checkpointing import auto_checkpoint_count, checkpointed
+from qdiff.distill.checkpointing import CheckpointPlan, checkpointed, compiled, probe_checkpoint_count
 from qdiff.distill.tmd import distill_loss
 from qdiff.distill.weights import weights_once
 from qdiff.io import save_safetensors_atomic
@@ -72,9 +78,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "distill_state.safetensors"
 _FORMAT = "qdiff-distill-state"
 # DistillConfig fields that may change between a run and its resume (they do not change the result).
-_RESUME_FREE_FIELDS = ("enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks")
-# "auto" checkpointing: the share of the device memory (free + held by this process) a step may peak at.
-_AUTO_MEMORY_FRACTION = 0.85
+_RESUME_FREE_FIELDS = ("enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks",
+                       "checkpoint_memory_fraction")
 
 Batch = dict[str, Any]
 
@@ -169,8 +174,11 @@ def distill(
     )
     weights = (lambda: weights_once(student)) if cfg.fused_weights else nullcontext
 
-    def forward_backward(batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch, its gradients accumulated into the zeroed .grad of the trainable tensors."""
+    def forward_backward(batch: Batch, after_forward: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch, its gradients accumulated into the zeroed .grad of the trainable tensors.
+
+        `after_forward()` (the "auto" probe's memory reading) runs between the loss and its backward.
+        """
         with torch.no_grad():
             target = teacher_fn(batch).float().detach()  # a constant, whatever teacher_fn returns
         with weights():
@@ -179,16 +187,23 @@ def distill(
             loss, terms = distill_loss(pred.float(), target, lam=cfg.tmd_lambda, use_tmd=cfg.tmd,
                                        reference_layout=cfg.tmd_reference_layout)
             optimizer.zero_grad(set_to_none=False)
+            if after_forward is not None:
+                after_forward()
             loss.backward()
         return loss, terms
 
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
     modules = list(checkpoint_modules)
-    with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations):
-        num_checkpointed = _checkpoint_count(cfg, modules, device, lambda: forward_backward(batches(start)),
-                                             probe=start < cfg.iterations)
+    compiling = compiled(modules) if cfg.compile and modules else nullcontext()
+    with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations), \
+            compiling:
+        plan = _checkpoint_plan(cfg, modules, device, lambda after: forward_backward(batches(start), after),
+                                probe=start < cfg.iterations)
+        num_checkpointed = plan.checkpointed
         if rank == 0 and modules:
             log.info("gradient checkpointing: %d of %d blocks", num_checkpointed, len(modules))
+            if plan.budget is not None:
+                log.info(plan.describe())
         with checkpointed(modules[:num_checkpointed]):
             for iteration in range(start, cfg.iterations):
                 loss, terms = forward_backward(batches(iteration))
@@ -222,7 +237,7 @@ def distill(
                     last_good = ckpt_path
     bar.close()
     return {"history": history, "resumed_from": resumed_from, "checkpoint": ckpt_path,
-            "checkpointed_blocks": num_checkpointed}
+            "checkpointed_blocks": num_checkpointed, "checkpoint_plan": plan}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -232,25 +247,42 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _checkpoint_count(cfg: DistillConfig, modules: list[nn.Module], device: torch.device, step: Callable[[], Any],
-                      probe: bool) -> int:
-    """How many of `modules` (the first ones) to checkpoint; "auto" runs `step` (one forward + backward) to measure."""
-    if not cfg.grad_checkpointing or not modules:
-        return 0
-    if cfg.checkpoint_blocks != "auto":
-        return len(modules) if cfg.checkpoint_blocks == "all" else min(cfg.checkpoint_blocks, len(modules))
-    if device.type != "cuda" or not probe:
-        return len(modules)
+def _checkpoint_plan(cfg: DistillConfig, modules: list[nn.Module], device: torch.device,
+                     step: Callable[[Callable[[], None]], Any], probe: bool) -> CheckpointPlan:
+    """How many of `modules` (the first ones) to checkpoint; "auto" runs `step` (forward + backward) to measure.
 
-    def peak_bytes(count: int) -> int:
+    `step(after_forward)` runs one training step and calls `after_forward()` between loss and backward.
+    """
+    count = len(modules)
+    if not cfg.grad_checkpointing or not modules:
+        return CheckpointPlan(checkpointed=0, num_blocks=count)
+    if cfg.checkpoint_blocks != "auto":
+        chosen = count if cfg.checkpoint_blocks == "all" else min(cfg.checkpoint_blocks, count)
+        return CheckpointPlan(checkpointed=chosen, num_blocks=count)
+    if device.type != "cuda" or not probe:
+        return CheckpointPlan(checkpointed=count, num_blocks=count, reason="no probe (CPU, or no iteration left)")
+
+    def held_and_peak(checkpointed_count: int) -> tuple[float, float]:
+        held = []  # allocated at the end of the forward minus at the start (gradients/optimizer state excluded)
         torch.cuda.reset_peak_memory_stats(device)
-        with checkpointed(modules[:count]):
-            step()
-        return torch.cuda.max_memory_allocated(device)
+        start = torch.cuda.memory_allocated(device)
+        out_of_memory = False
+        try:
+            with checkpointed(modules[:checkpointed_count]):
+                step(lambda: held.append(torch.cuda.memory_allocated(device) - start))
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the except block: the failed step's tensors are released by now
+            torch.cuda.empty_cache()
+            raise torch.OutOfMemoryError(f"checkpoint_blocks auto: the probe step with {checkpointed_count} "
+                                         "blocks checkpointed ran out of memory")
+        return float(held[0]), float(torch.cuda.max_memory_allocated(device))
 
     free, _ = torch.cuda.mem_get_info(device)
-    return auto_checkpoint_count(len(modules), peak_bytes,
-                                 _AUTO_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device)))
+    available = float(free + torch.cuda.memory_reserved(device))  # what this process may use
+    plan = probe_checkpoint_count(count, held_and_peak, cfg.checkpoint_memory_fraction * available, available)
+    torch.cuda.empty_cache()
+    return plan
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:

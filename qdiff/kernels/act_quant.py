@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
 from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate
 
 MIN_DELTA = 1e-6  # the activation quantizers' per-row floor on Δ
@@ -95,6 +96,67 @@ def quantize_per_token_reference(
     if post_a is None or post_a.shape[0] == 0:
         return act
     return act._replace(proj=project_codes_reference(act, post_a, frame_factor))
+
+
+def quantize_per_token_torch(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    smooth_scale: torch.Tensor | None = None,
+    static: torch.Tensor | tuple[float, float] | None = None,
+    post_a: torch.Tensor | None = None,
+    frame_factor: torch.Tensor | None = None,
+    rowsum: bool = True,
+) -> ActCodes:
+    """The compiled path's quantizer: `quantize_per_token_reference` (no producer) in plain torch ops that inductor
+    fuses into the op producing x (LayerNorm + modulate, GELU, a layout copy) and into each other.
+
+    Same grid, same float32 operations in the same order, so the codes, Δ and z equal the reference's (and x̂ equals
+    `DynamicActQuantizer`'s) bit for bit wherever the compiler keeps IEEE division; on CUDA, inductor's default
+    division is approximate unless `eager_numerics.division_rounding` is on (`qdiff.api.compile_model(exact=True)`).
+    Differences from the reference, none in value: static may be a float32 tensor [2] = (Δ, z) (no host sync, no
+    recompile per layer); the TQE projection of rank r ≤ 8 is an elementwise product summed over K (a reduction the
+    compiler fuses, instead of a GEMM over a materialised x̂; equal up to summation order); the frame factor
+    multiplies [M/T, T, r] (row m -> frame m mod T, as the reference indexes it); rowsum=False returns zeros [M]
+    instead of the code row sums (a layer with symmetric weights never reads them).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_per_token: expected x [M, K], got {tuple(x.shape)}")
+    q_min, q_max, offset = grid(bits, symmetric)
+    x32 = smooth_input(x, smooth_scale).float()
+    if static is not None:
+        if isinstance(static, torch.Tensor):
+            delta, zero = static[0:1].float()[:, None], static[1:2].float()[:, None]  # [1, 1] each, broadcast
+        else:
+            delta = torch.full((1, 1), float(static[0]), dtype=torch.float32, device=x.device)
+            zero = torch.full_like(delta, float(static[1]))
+    else:
+        lo = x32.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        hi = x32.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        if symmetric:
+            delta = (torch.maximum(-lo, hi) / q_max).clamp(min=MIN_DELTA)
+            zero = torch.zeros_like(delta)
+        else:
+            delta = ((hi - lo) / q_max).clamp(min=MIN_DELTA)
+            zero = torch.round(-lo / delta)
+    q = torch.clamp(torch.round(x32 / delta) + zero, q_min, q_max)
+    codes = (q - offset).to(torch.int8)
+    rows = x.shape[0]
+    scale = delta.expand(rows, 1)[:, 0].contiguous()
+    zero_code = (zero - offset).to(torch.int32).expand(rows, 1)[:, 0].contiguous()
+    sums = codes.sum(dim=1, dtype=torch.int32) if rowsum else torch.zeros_like(zero_code)
+    proj = None
+    if post_a is not None and post_a.shape[0] > 0:
+        dequant = (q - zero) * delta  # x̂ [M, K] = (c − z_c)·Δ, as project_codes_reference forms it
+        if post_a.shape[0] <= 8:
+            proj = (dequant[:, None, :] * post_a.float()[None]).sum(dim=-1)  # [M, r]
+        else:
+            proj = dequant @ post_a.float().t()
+        if frame_factor is not None:
+            frames = frame_factor.shape[0]
+            factor = frame_factor.float().reshape(1, frames, 1)
+            proj = (proj.reshape(-1, frames, proj.shape[1]) * factor).reshape(proj.shape)
+    return ActCodes(codes, scale, zero_code, sums, proj)
 
 
 def project_codes_reference(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,6 +301,8 @@ def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torc
 def project_codes(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """Dispatch of the TQE projection from codes: Triton on CUDA (backend 'auto'/'triton'), else the reference."""
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        return _ops.project_codes_op(act.codes, act.scale, act.zero, post_a, frame_factor, backend)
     use_triton = backend == "triton" or (backend == "auto" and act.codes.is_cuda and triton_available(act.codes.device))
     return (project_codes_triton if use_triton else project_codes_reference)(act, post_a, frame_factor)
 
@@ -259,6 +323,25 @@ def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, smoo
     """Dispatch: the Triton kernel on CUDA (backend 'auto' or 'triton'), the reference otherwise."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        return _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
+                                            backend)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
     fn = quantize_per_token_triton if use_triton else quantize_per_token_reference
     return fn(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer)
+
+
+def _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
+                                 backend) -> ActCodes:
+    """`quantize_per_token` as the custom op `torch.ops.qdiff.quantize_per_token` (what torch.compile records)."""
+    shift = mscale = None
+    rows_per_sample, eps, kind = 1, 0.0, NONE
+    if producer is not None:
+        kind = producer.kind
+        if isinstance(producer, LayerNormModulate):
+            shift, mscale, rows_per_sample, eps = producer.shift, producer.scale, producer.rows_per_sample, producer.eps
+    static_delta, static_zero = (float(static[0]), float(static[1])) if static is not None else (_ops.NO_STATIC, 0.0)
+    codes, scale, zero, rowsum, proj = _ops.quantize_per_token_op(
+        x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor, kind, shift, mscale,
+        rows_per_sample, float(eps), backend)
+    return ActCodes(codes, scale, zero, rowsum, proj if post_a is not None and post_a.shape[0] else None)

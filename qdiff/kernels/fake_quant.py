@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
+
 MIN_DELTA = 1e-6
 # Under Triton's CPU interpreter (TRITON_INTERPRET=1, set before import) the kernels also take CPU
 # tensors: that is how CI checks them against the references without a GPU.
@@ -88,7 +90,12 @@ def _kernel():
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fused Triton kernel on CUDA tensors, the reference elsewhere. x [..., C] -> x̂ [..., C]."""
+    """Fused Triton kernel on CUDA tensors, the reference elsewhere. x [..., C] -> x̂ [..., C].
+
+    Under torch.compile: the custom op `torch.ops.qdiff.fake_quant_per_token` (same dispatch, run eagerly).
+    """
+    if torch.compiler.is_compiling():
+        return _ops.fake_quant_per_token_op(x, bits)
     if not (x.is_cuda or INTERPRET):
         return fake_quant_per_token_reference(x, bits)
     if not 2 <= bits <= 8:

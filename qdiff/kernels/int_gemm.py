@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
 from qdiff.kernels.act_quant import interpret_mode, triton_available
 
 MAX_K = 33_000  # 255² · K must stay below 2^31 for the int32 accumulator
@@ -151,10 +152,14 @@ def int_gemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=No
     """Dispatch: Triton on CUDA (backend 'auto'/'triton'), else the reference on the unpacked codes.
 
     w is the stored container (int8 [N, K], or int4x2 bytes with `k` = K); `w_codes` (unpacked int8 [N, K])
-    may be given to spare the reference path an unpack.
+    may be given to spare the reference path an unpack. Under torch.compile this is the custom op
+    `torch.ops.qdiff.int_gemm` (`qdiff.kernels.ops`), which runs this same dispatch eagerly.
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        return _ops.int_gemm_op(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, proj,
+                                        post_b, out_dtype, k or 0, backend)
     if backend == "triton" or (backend == "auto" and a.is_cuda and triton_available(a.device)):
         return int_gemm_triton(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, proj, post_b,
                                out_dtype=out_dtype, k=k)

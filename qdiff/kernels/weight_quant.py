@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
 from qdiff.kernels.fake_quant import INTERPRET
 
 
@@ -105,8 +106,15 @@ def fake_quant_weight(
         smooth: s [d_in] fp32 or None.  low_rank: B·A [d_out, d_in] fp32 or None.
         post: B_out·A_out [d_out, d_in] fp32, or the rank-1 pair (b_out [d_out, 1], a_out [1, d_in]) whose
             broadcast product is added (formed in the kernel), or None.
-    One Triton pass on CUDA; the eager reference elsewhere. Not differentiable.
+    One Triton pass on CUDA; the eager reference elsewhere. Not differentiable. Under torch.compile: the custom
+    op `torch.ops.qdiff.fake_quant_weight` (same dispatch, run eagerly, so compiled and eager weights are equal).
     """
+    if torch.compiler.is_compiling():
+        post_b = post_a = None
+        if isinstance(post, tuple):
+            (post_b, post_a), post = post, None
+        return _ops.fake_quant_weight_op(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post,
+                                                 post_b, post_a, out_dtype)
     if not (weight.is_cuda or INTERPRET):
         return fake_quant_weight_reference(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, out_dtype)
     from qdiff.quantizers.uniform import quant_range

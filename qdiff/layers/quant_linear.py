@@ -349,7 +349,9 @@ class QuantLinear(nn.Module):
         y = F.linear(x, weight.to(x.dtype), bias)
 
         if self.frame_scale is not None and (folded or quantize_weight):
-            if y.is_cuda and self.lora_a_out.shape[0] == 1 and not self._tracks_grad():  # one fused pass
+            # one fused pass; under torch.compile the eager ops below, which the compiler fuses itself
+            if (y.is_cuda and self.lora_a_out.shape[0] == 1 and not self._tracks_grad()
+                    and not torch.compiler.is_compiling()):
                 return frame_rank1_update_(y, x, self.lora_a_out, self.lora_b_out, self.frame_scale)
             # m_t · x·(B_out·A_out)ᵀ: scale the rank-r_out projection per frame while it is small
             # ([B*S, T, d_in] -> [B*S, T, r_out] · m [1, T, 1]), then add it in one rank-r_out update of y.

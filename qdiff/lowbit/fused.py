@@ -22,7 +22,13 @@ from qdiff.lowbit.int_linear import IntLinear, QuantizedInput
 
 
 def fusable(*layers: nn.Module) -> bool:
-    """True when every layer is an IntLinear that can take a QuantizedInput from a fused producer."""
+    """True when every layer is an IntLinear that can take a QuantizedInput from a fused producer.
+
+    Always False under torch.compile: there the compiler fuses the producer and the (plain-torch) quantization
+    itself, so the block runs its eager ops and each IntLinear quantizes its own input.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return all(isinstance(layer, IntLinear) and layer.fuse_input and layer.rotation is None
                and layer.frame_scale is None for layer in layers) and len({layer.backend for layer in layers}) == 1
 

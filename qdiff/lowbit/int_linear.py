@@ -9,6 +9,14 @@ and f_m = 1 + m_t on temporal layers (the post term sits once in W_eff and once 
 The output equals QuantLinear's fake-quant output up to float32 summation order, in x's dtype.
 
 On CUDA the two steps run as Triton kernels; elsewhere (and with backend='torch') as their PyTorch references.
+
+Under torch.compile (`qdiff.api.compile_model`; call `prepare()` first, which it does) the GEMM is the opaque custom
+op `torch.ops.qdiff.int_gemm` and the activation quantization is plain torch ops (`quantize_per_token_torch`, the
+reference's math), which inductor fuses into the op producing x (LayerNorm + modulate, GELU, a layout copy);
+`compile_act_quant = "kernel"` keeps the Triton quantization kernel instead (as the op
+`torch.ops.qdiff.quantize_per_token`). The shared-input memo (weak references, version counters) is not used there:
+q, k and v each quantize their shared input, and the compiler fuses the three into the kernel that reads it.
+Eager forwards are unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from qdiff.kernels.act_quant import ActCodes, project_codes, quantize_per_token, smooth_input
+from qdiff.kernels.act_quant import ActCodes, project_codes, quantize_per_token, quantize_per_token_torch, smooth_input
 from qdiff.kernels.act_quant import grid as act_grid
 from qdiff.kernels.int_gemm import MAX_K, int_gemm
 from qdiff.lowbit.pack import code_offset, container_for, pack_codes, unpack_codes
@@ -26,6 +34,7 @@ from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, qu
 
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
 BACKENDS = ("auto", "torch", "triton")
+COMPILE_ACT_QUANT = ("torch", "kernel")
 
 
 class IntExportError(ValueError):
@@ -143,6 +152,9 @@ class IntLinear(nn.Module):
         # accept a QuantizedInput from a fused producer (`qdiff.lowbit.fused.set_fusion`); off by default: on an
         # H100 it did not pay and its bf16 LayerNorm rounds differently from torch's (docs/int_kernels.md)
         self.fuse_input = False
+        # under torch.compile: "torch" = plain-torch quantization fused by the compiler, "kernel" = the Triton kernel
+        # (dynamic ranges only; static ranges always take the torch ops)
+        self.compile_act_quant = "torch"
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -228,7 +240,16 @@ class IntLinear(nn.Module):
             codes = codes - self.w_zero.float()[:, None]
         return codes * self.w_scale[:, None]
 
+    def prepare(self) -> None:
+        """Derive w_colsum and the static range's host copy now (forwards otherwise do it on first use). Needed
+        before torch.compile: a compiled forward reads them but does not create them."""
+        self._prepare()
+
     def _prepare(self) -> None:
+        if torch.compiler.is_compiling():
+            if self.w_colsum is None:
+                raise RuntimeError("IntLinear under torch.compile: call prepare() (or qdiff.api.compile_model) first")
+            return
         if self.w_colsum is None or self.w_colsum.device != self.qweight.device:
             self.w_colsum = self.weight_codes().sum(dim=1, dtype=torch.int32)
         if self.act_static is not None and self._static_values is None:
@@ -247,7 +268,16 @@ class IntLinear(nn.Module):
             x2 = smooth_input(x2, smooth) @ self.rotation.to(x2.dtype)
             smooth = None
         frame_factor = None if self.frame_scale is None else 1.0 + self.frame_scale
+        # static ranges always take the torch ops when compiled: a pointwise op with nothing for a kernel to win, and
+        # the kernel would need them as Python floats, which the compiler guards on (one recompile per layer)
+        if torch.compiler.is_compiling() and (self.compile_act_quant == "torch" or self.act_static is not None):
+            act = quantize_per_token_torch(x2, self.a_bits, self.a_symmetric, smooth_scale=smooth,
+                                           static=self.act_static, post_a=self.post_a, frame_factor=frame_factor,
+                                           rowsum=self.w_zero is not None)
+            return act, act.proj
         memo = self.input_memo if self.smooth_scale is None and self.rotation is None else None
+        if torch.compiler.is_compiling():  # no memo (weak references, version counters) inside a compiled graph
+            memo = None
         if memo is None:  # quantization and the TQE projection in one pass
             act = quantize_per_token(x2, self.a_bits, self.a_symmetric, smooth_scale=smooth, static=self._static_values,
                                      post_a=self.post_a, frame_factor=frame_factor, backend=self.backend)

@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import nn
 
-from qdiff.kernels.fake_quant import fake_quant_per_token
+from qdiff.kernels.fake_quant import fake_quant_per_token, fake_quant_per_token_reference
 from qdiff.quantizers.config import ActQuantConfig, WeightQuantConfig
 
 # Smallest weight step: only reached by all-zero rows/groups, whose reconstruction stays exact.
@@ -244,6 +244,8 @@ class DynamicActQuantizer(nn.Module):
         bits = self.cfg.bits if bits is None else bits
         fused = not (self.cfg.reference_token_grouping or self.cfg.symmetric)
         if fused and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+            if torch.compiler.is_compiling():  # the same fp32 math as plain ops: the compiler fuses it into x's
+                return fake_quant_per_token_reference(x, bits)  # producer (and dedups q/k/v's shared input)
             return _shared_input_fake_quant(x, bits)  # one Triton pass; same math in fp32
         if self.cfg.reference_token_grouping:
             if x.dim() != 3:
@@ -258,9 +260,8 @@ class DynamicActQuantizer(nn.Module):
             delta = torch.maximum(-x_min, x_max) / q_max
         else:
             delta = (x_max - x_min) / q_max
-        if self.cfg.reference_token_grouping:
-            if bool((delta < _MIN_ACT_DELTA).any()):
-                delta = torch.full_like(delta, _MIN_ACT_DELTA)
+        if self.cfg.reference_token_grouping:  # (a select, not a host sync: no graph break under torch.compile)
+            delta = torch.where((delta < _MIN_ACT_DELTA).any(), torch.full_like(delta, _MIN_ACT_DELTA), delta)
         else:
             delta = delta.clamp(min=_MIN_ACT_DELTA)
         zero_point = torch.zeros_like(delta) if self.cfg.symmetric else torch.round(-x_min / delta)
@@ -293,6 +294,18 @@ class StaticActQuantizer(nn.Module):
         self.register_buffer("x_min", torch.zeros(num_ranges))
         self.register_buffer("x_max", torch.zeros(num_ranges))
         self.register_buffer("observed", torch.zeros(num_ranges, dtype=torch.bool))
+        # Host-side mirror of `observed` (True once seen True), so quantizing forwards never sync to read it.
+        self._known_observed = [False] * num_ranges
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_observed = [False] * self.num_ranges
+
+    def is_observed(self, range_index: int = 0) -> bool:
+        """Whether range `range_index` was calibrated (reads the device flag until it is True, then a host mirror)."""
+        if not self._known_observed[range_index] and bool(self.observed[range_index]):
+            self._known_observed[range_index] = True
+        return self._known_observed[range_index]
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, range_index: int = 0) -> None:
@@ -305,13 +318,14 @@ class StaticActQuantizer(nn.Module):
         self.x_min[range_index] = batch_min
         self.x_max[range_index] = batch_max
         self.observed[range_index] = True
+        self._known_observed[range_index] = True
 
     def forward(self, x: torch.Tensor, range_index: int = 0, bits: int | None = None) -> torch.Tensor:
         """x [...] -> x̂ same shape at `bits` (default cfg.bits); x itself while observing."""
         if self.observing:
             self.observe(x, range_index)
             return x
-        if not bool(self.observed[range_index]):
+        if not self.is_observed(range_index):
             raise RuntimeError(f"StaticActQuantizer: range {range_index} was never calibrated (set observing=True first)")
         bits = self.cfg.bits if bits is None else bits
         x_min, x_max = self.x_min[range_index], self.x_max[range_index]

@@ -9,8 +9,16 @@ checkpoint is ``t2v.models.checkpoint``'s job.
 Every linear is an ``nn.Linear`` child called as a module (``self.q(x)``), so a quantization
 library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame).
 When the linears after a LayerNorm + modulation or after the MLP's GELU are integer layers
-(``qdiff.lowbit.IntLinear``), the block hands them their input already quantized by one fused kernel
-(``qdiff.lowbit.fused``); every other model runs the eager ops.
+(``qdiff.lowbit.IntLinear``) with fusion on, the block hands them their input already quantized by one fused
+kernel (``qdiff.lowbit.fused``); every other model runs the eager ops.
+
+``compile_blocks(model)`` compiles every block with torch.compile (static shapes, one graph per block, no graph
+breaks) for inference: bf16, fake-quant (QuantLinear) and integer (IntLinear) models alike. The compiler fuses the
+elementwise and layout work (modulation, gates, residuals, spatial<->temporal copies, LayerNorm, and the integer
+layers' per-token activation quantization) into the kernels around the GEMMs and attention. While compiled, the text
+is passed padded to ``model_max_length`` with a key mask instead of packed, and every block gets a temporal table
+(zeros after the first), so one graph serves all blocks and prompt lengths with the same values; the temporal
+attention may run as matmul-softmax-matmul.
 """
 import json
 import os
@@ -56,8 +64,24 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
 
 
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√head_dim)·v as OpenSora's non-flash path computes it: q scaled, scores in the model dtype,
+    softmax in float32, probabilities rounded to the model dtype before the product with v. q, k, v [B, h, N, d].
+
+    For short sequences (the temporal attention's 16 frames) two batched matmuls and a softmax beat SDPA's kernels
+    in eager on an H100 (0.39 vs 0.78 ms per block, ../shared/docs/PERF_FACTS.md); compiled, the softmax also fuses
+    with the layout work around it (to be measured: bench/bench_int_step.py --compile --extra).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, N, N]
+    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with separate ``q``, ``k``, ``v`` linears (with bias) and ``proj``."""
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` linears (with bias) and ``proj``.
+
+    ``math_attention`` (default False: SDPA) switches to `_math_attention`; `compile_blocks` sets it on the
+    temporal attention.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -68,11 +92,12 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.math_attention = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B', N, C] -> [B', N, C]; attention over the N tokens of each row."""
         q, k, v = (rearrange(lin(x), "B N (h d) -> B h N d", h=self.num_heads) for lin in (self.q, self.k, self.v))
-        out = _attention(q, k, v)  # [B', h, N, d]
+        out = _math_attention(q, k, v) if self.math_attention else _attention(q, k, v)  # [B', h, N, d]
         return self.proj(rearrange(out, "B h N d -> B N (h d)"))
 
 
@@ -94,9 +119,21 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_lens: list[int]) -> torch.Tensor:
-        """x [B, N, C], cond [1, ΣL_b, C] (packed valid text tokens), cond_lens [B] python ints -> [B, N, C]."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
+        """x [B, N, C], cond [1, ΣL_b, C] (packed valid text tokens), cond_lens [B] python ints -> [B, N, C].
+
+        Padded form (what compiled blocks get, fixed shapes): cond [B, L, C] with cond_lens a bool key mask [B, L]
+        (True = valid token) or None (all valid). kv_linear then also runs on the padding rows (as one packed
+        sequence [1, B·L, C], so a per-token quantizer sees the same valid rows) and the mask hides them.
+        """
         q = rearrange(self.q_linear(x), "B N (h d) -> B h N d", h=self.num_heads)
+        if not isinstance(cond_lens, (list, tuple)):  # padded text with a key mask (or none)
+            batch, length, channels = cond.shape
+            kv = self.kv_linear(cond.reshape(1, batch * length, channels)).reshape(batch, length, 2 * channels)
+            k, v = rearrange(kv, "B L (two h d) -> two B h L d", two=2, h=self.num_heads).unbind(0)
+            key_mask = None if cond_lens is None else cond_lens[:, None, None, :]  # [B, 1, 1, L]
+            out = _attention(q, k, v, key_mask)  # [B, h, N, d]
+            return self.proj(rearrange(out, "B h N d -> B N (h d)"))
         kv = rearrange(self.kv_linear(cond)[0], "L (two h d) -> two L h d", two=2, h=self.num_heads)
         # unpack the text of each sample: [ΣL_b, h, d] -> [B, L_max, h, d] (zero padded)
         k = nn.utils.rnn.pad_sequence(kv[0].split(cond_lens), batch_first=True)
@@ -139,10 +176,12 @@ class STDiTBlock(nn.Module):
         x: torch.Tensor,
         y: torch.Tensor,
         t0: torch.Tensor,
-        y_lens: list[int],
+        y_lens: list[int] | torch.Tensor | None,
         temporal_pos_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T·S, C], y [1, ΣL_b, C] packed text, t0 [B, 6C], y_lens [B] -> [B, T·S, C].
+
+        Or y [B, L, C] padded text with y_lens its bool key mask [B, L] or None (`MultiHeadCrossAttention`).
 
         temporal_pos_embed [1, T, C] is added to the temporal attention's input (first block only).
         """
@@ -225,6 +264,9 @@ class STDiT(nn.Module):
         freeze: None, "not_temporal" (train only ``attn_temp``) or "text" (freeze ``cross_attn``).
         enable_flashattn, enable_layernorm_kernel: accepted and ignored (SDPA picks the kernel).
         enable_sequence_parallelism: only False.
+        temporal_pos_every_block: not in OpenSora (default False, which is OpenSora's model): add the temporal table
+            to every block's temporal-attention input, not only the first block's. A training option of the tiny
+            model (docs/tiny_model.md); it adds no weights.
     """
 
     def __init__(
@@ -249,6 +291,7 @@ class STDiT(nn.Module):
         enable_flashattn=False,
         enable_layernorm_kernel=False,
         enable_sequence_parallelism=False,
+        temporal_pos_every_block=False,
     ):
         super().__init__()
         if drop_path != 0:
@@ -271,6 +314,9 @@ class STDiT(nn.Module):
             space_scale=space_scale, time_scale=time_scale, freeze=freeze, enable_flashattn=enable_flashattn,
             enable_layernorm_kernel=enable_layernorm_kernel, enable_sequence_parallelism=enable_sequence_parallelism,
         )  # fmt: skip
+        if temporal_pos_every_block:  # not an OpenSora option: recorded only when on, so OpenSora configs stay as they are
+            self.config["temporal_pos_every_block"] = True
+        self.temporal_pos_every_block = bool(temporal_pos_every_block)
         self.input_size = tuple(input_size)
         self.patch_size = tuple(patch_size)
         self.out_channels = 2 * in_channels if pred_sigma else in_channels
@@ -278,6 +324,10 @@ class STDiT(nn.Module):
         self.num_temporal = self.grid_size[0]
         self.num_spatial = self.grid_size[1] * self.grid_size[2]
         self.grad_checkpointing = False
+        # fixed-shape block inputs for compiled blocks (set by compile_blocks): the text padded with a key mask instead
+        # of packed, and a temporal table for every block (zeros after the first: x + 0 is x), so one compiled graph
+        # serves every block and every prompt length
+        self.static_block_inputs = False
 
         self.register_buffer("pos_embed", self.spatial_pos_embed(), persistent=True)  # [1, S, C]
         self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(), persistent=True)  # [1, T, C]
@@ -349,11 +399,16 @@ class STDiT(nn.Module):
 
         # 3. captions: project, then pack the valid tokens of all samples into one sequence
         y = self.y_embedder(y, self.training)  # [B, 1, L, C]
-        y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
+        if self.static_block_inputs:  # fixed shapes for compiled blocks: [B, L, C] and a key mask [B, L] (or None)
+            y, y_lens = self._pad_text(y, mask)
+        else:
+            y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
 
-        # 4. blocks; the temporal table enters the first block's temporal attention only
+        # 4. blocks; the temporal table enters the first block's temporal attention only (OpenSora v1.0), or every
+        #    block's with temporal_pos_every_block
+        no_table = torch.zeros_like(self.pos_embed_temporal) if self.static_block_inputs else None
         for i, block in enumerate(self.blocks):
-            temporal_pos_embed = self.pos_embed_temporal if i == 0 else None
+            temporal_pos_embed = self.pos_embed_temporal if i == 0 or self.temporal_pos_every_block else no_table
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
             else:
@@ -377,6 +432,26 @@ class STDiT(nn.Module):
         if min(y_lens) == 0:
             raise ValueError("every sample needs at least one valid text token (a mask row is all zero)")
         return y[:, 0][mask][None], y_lens
+
+    @staticmethod
+    def _pad_text(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """y [B, 1, L, C], mask [B_m, L] or None -> y [B, L, C] and the key mask [B, L] bool (None: all valid).
+
+        The padded counterpart of `_pack_text` (same checks): every valid token keeps its values.
+        """
+        batch, _, length, channels = y.shape
+        if mask is None:
+            return y[:, 0], None
+        if mask.dim() != 2 or mask.shape[1] != length or batch % mask.shape[0]:
+            raise ValueError(f"mask must be [B, {length}] with B dividing {batch}, got {list(mask.shape)}")
+        mask = mask.repeat(batch // mask.shape[0], 1) != 0  # [B, L]
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every sample needs at least one valid text token (a mask row is all zero)")
+        return y[:, 0], mask
+
+    def compile_blocks(self, enabled: bool = True, *, temporal_attention: str = "math", **compile_kwargs) -> "STDiT":
+        """torch.compile every block in place (or undo it); see the module function `compile_blocks`."""
+        return compile_blocks(self, enabled, temporal_attention=temporal_attention, **compile_kwargs)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T·H'·W', p_t·p_h·p_w·C_out] -> [B, C_out, T·p_t, H'·p_h, W'·p_w]."""
@@ -430,6 +505,37 @@ class STDiT(nn.Module):
         model = cls(**config)
         model.load_state_dict_compat(state_dict)
         return model
+
+
+TEMPORAL_ATTENTION = ("math", "sdpa")
+
+
+def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math", mode: str | None = None,
+                   fullgraph: bool = True, backend: str = "inductor", exact: bool = False,
+                   int_act_quant: str = "torch") -> STDiT:
+    """Compile each STDiT block for inference with torch.compile (in place; returns the model).
+
+    Each block is compiled with ``dynamic=False`` (and ``fullgraph`` by default: a graph break raises). The model
+    switches to fixed-shape block inputs (``static_block_inputs``: padded text with a key mask, and a zero temporal
+    table after the first block), so the 28 blocks of XL/2 share one compiled graph and no prompt length recompiles;
+    with
+    ``temporal_attention="math"`` (the default), runs the temporal attention as matmul-softmax-matmul; spatial and
+    cross attention stay SDPA. Works for float (bf16/fp16/fp32), fake-quant (QuantLinear) and integer (IntLinear)
+    models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
+    first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches.
+
+    The compiled path computes the same function; it is not bit-identical in half precision (the compiler keeps
+    some intermediates in float32 that eager rounds; ``exact=True`` asks it to round as eager does).
+    """
+    from qdiff.api import compile_model
+
+    if temporal_attention not in TEMPORAL_ATTENTION:
+        raise ValueError(f"temporal_attention: expected one of {list(TEMPORAL_ATTENTION)}, got {temporal_attention!r}")
+    for block in model.blocks:
+        block.attn_temp.math_attention = enabled and temporal_attention == "math"
+    model.static_block_inputs = enabled
+    return compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
+                         backend=backend, exact=exact, int_act_quant=int_act_quant)
 
 
 def STDiT_XL_2(**kwargs) -> STDiT:

@@ -1,6 +1,7 @@
 """Build the pieces of the text-to-video pipeline (DiT, VAE, text encoder, sampler) from an InferenceConfig."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,32 @@ def latent_size(cfg: InferenceConfig, vae) -> tuple[int, int, int]:
     return (cfg.num_frames, h // f, w // f)
 
 
+# stabilityai/sd-vae-ft-ema's AutoencoderKL config (its config.json): f = 8, 4 latent channels. Used only to build
+# a RANDOM-weight stand-in (vae.type "sd_vae_random") for smoke runs of the full-size pipeline without the download.
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+}
+
+
+def build_random_sd_vae(seed: int = 0, micro_batch_size: int | None = 128):
+    """The SD VAE's architecture with RANDOM weights (seeded): the real one's shapes and cost, none of its output."""
+    from t2v.models.vae import VideoAutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        vae = VideoAutoencoderKL(config=dict(SD_VAE_CONFIG), micro_batch_size=micro_batch_size)
+    return vae.eval()
+
+
 def build_vae(cfg: InferenceConfig, device="cpu"):
     from t2v.models.vae import PixelVAE, VideoAutoencoderKL, build_tiny_vae
 
@@ -36,8 +63,15 @@ def build_vae(cfg: InferenceConfig, device="cpu"):
         vae.micro_batch_size = vcfg.get("micro_batch_size", vae.micro_batch_size)
     elif kind == "VideoAutoencoderKL":
         vae = VideoAutoencoderKL(from_pretrained=vcfg["from_pretrained"], micro_batch_size=vcfg.get("micro_batch_size", 128))
+    elif kind == "sd_vae_random":  # smoke runs only (bench/fullsize_pipeline.sh): decoded videos are noise
+        unknown = sorted(set(vcfg) - {"init_seed", "micro_batch_size"})
+        if unknown:
+            raise ConfigError(f"vae.type 'sd_vae_random' takes init_seed and micro_batch_size, got {unknown}")
+        logging.getLogger(__name__).warning("vae.type sd_vae_random: the SD VAE architecture with RANDOM weights "
+                                            "(a smoke test stand-in for %s; videos are noise)", "stabilityai/sd-vae-ft-ema")
+        vae = build_random_sd_vae(seed=vcfg.get("init_seed", 0), micro_batch_size=vcfg.get("micro_batch_size", 128))
     else:
-        raise ConfigError(f"vae.type: expected 'VideoAutoencoderKL', 'tiny' or 'pixel', got {kind!r}")
+        raise ConfigError(f"vae.type: expected 'VideoAutoencoderKL', 'sd_vae_random', 'tiny' or 'pixel', got {kind!r}")
     return vae.to(device).eval()
 
 

@@ -34,8 +34,9 @@ targets are computed once; with precomputed targets the FP copy is freed before 
 Student: runs in eval mode with the text mask, exactly as the teacher. The reference's student runs in
 train mode (10% caption dropout) and without the mask (METHOD.md §5 quirks); we do not copy that, and
 the config schema has no switch for it. With `distill.grad_checkpointing`, `distill.checkpoint_blocks` of
-the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) the fewest whose
-measured peak fits 85% of the GPU's memory (all on CPU), "all", or a count (the reference: blocks 1–26).
+the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) leaves as many unchecked
+as fit `distill.checkpoint_memory_fraction` (85%) of the GPU memory, from measured probe steps (all on CPU;
+`qdiff.distill.checkpointing`), "all", or a count (the reference: blocks 1–26).
 Which blocks are checkpointed does not change the result. With `distill.fused_weights` (off by default:
 slower on an H100) every layer's effective weight is formed once per iteration, outside the blocks
 (`qdiff.distill.weights`).
@@ -358,7 +359,8 @@ def _check_resumable(outdir: Path, qconfig: QuantConfig) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     current = json.loads(json.dumps(qconfig.to_dict()))
-    free = {"enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks"}  # do not change the result
+    free = {"enabled", "checkpoint_every", "grad_checkpointing", "checkpoint_blocks",
+            "checkpoint_memory_fraction"}  # do not change the result
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section), current.get(section)

@@ -25,6 +25,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each STDiT block (t2v.models.stdit.compile_blocks): fuses the elementwise "
+                        "and layout work and the integer layers' activation quantization; the first step compiles "
+                        "(minutes)")
+
+
+def compile_if_requested(model, args) -> None:
+    """`--compile`: compile the DiT's blocks in place (float, fake-quant and integer models alike)."""
+    if getattr(args, "compile", False):
+        from t2v.models.stdit import compile_blocks
+
+        compile_blocks(model)
+
+
 @dataclass
 class Run:
     cfg: object

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from t2v.scripts._common import add_common_args, fail, resolve_run, setup_logging
+from t2v.scripts._common import add_common_args, add_compile_arg, compile_if_requested, fail, resolve_run, setup_logging
 
 QUANT_CONFIG_NAME = "quant_config.yaml"
 QUANT_PARAMS_NAME = "quant_params.safetensors"
@@ -28,6 +28,7 @@ INT_WEIGHTS_NAME = "int_weights.safetensors"  # t2v.pipeline.quant_model.INT_WEI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
+    add_compile_arg(p)
     p.add_argument("--calib_dir", default=None, help="stage-4 output folder (holds the two files below)")
     p.add_argument("--quant_config", default=None, help=f"quant YAML (default: <calib_dir>/{QUANT_CONFIG_NAME})")
     p.add_argument("--quant_params", default=None, help=f"quant params (default: <calib_dir>/{QUANT_PARAMS_NAME})")
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
             build_int_model(pipe.model, args.int_weights, qconfig, backend=args.int_backend)
         else:
             build_quant_model(pipe.model, qconfig, args.quant_params, fold=args.fold)
+        compile_if_requested(pipe.model, args)
         on_step = quant_step_hook(pipe.model, pipe.sampler.num_sampling_steps)
         paths = generate_videos(pipe, run.prompts, run.outdir, seed=run.cfg.seed, prompt_indices=run.indices,
                                 progress=run.is_main, overwrite=args.overwrite, on_step=on_step)

@@ -1,12 +1,11 @@
 """qdiff.distill.checkpointing and the trainer's `checkpoint_blocks`: which blocks are recomputed changes nothing
-numerically; "auto" picks the fewest that fit; resume stays bit-identical."""
+numerically; resume stays bit-identical. The "auto" decision is tested in test_checkpoint_auto_plan.py."""
 import pytest
 import torch
 from torch import nn
 
 from qdiff.api import init_weight_quantizers, quantize_model
 from qdiff.config import ConfigError, QuantConfig
-from qdiff.distill.checkpointing import auto_checkpoint_count
 from qdiff.distill.trainer import distill
 
 DEPTH = 3
@@ -102,37 +101,6 @@ def test_resume_with_other_checkpoint_blocks_is_bit_identical(tmp_path):
     assert all(torch.equal(value, reference[key]) for key, value in state(student).items())
 
 
-def fake_peaks(base, per_block, num_blocks, capacity=float("inf"), extra=0.0):
-    """peak(k) with k of num_blocks checkpointed; raises OutOfMemoryError above `capacity`."""
-    probed = []
-
-    def peak(count):
-        probed.append(count)
-        value = base + (num_blocks - count) * per_block + (extra if count < num_blocks - 1 else 0.0)
-        if value > capacity:
-            raise torch.OutOfMemoryError("fake")
-        return value
-    return peak, probed
-
-
-def test_auto_checkpoint_count():
-    peak, probed = fake_peaks(base=10, per_block=3, num_blocks=28)
-    assert auto_checkpoint_count(28, peak, limit_bytes=25) == 23 and probed == [28, 27, 23]
-    peak, _ = fake_peaks(base=10, per_block=3, num_blocks=28)
-    assert auto_checkpoint_count(28, peak, limit_bytes=1000) == 0
-    peak, _ = fake_peaks(base=30, per_block=3, num_blocks=28)
-    assert auto_checkpoint_count(28, peak, limit_bytes=25) == 28  # even all checkpointed does not fit
-    # the estimate is too optimistic (non-linear memory): raised until the measured peak fits
-    peak, probed = fake_peaks(base=10, per_block=3, num_blocks=28, extra=4)
-    assert auto_checkpoint_count(28, peak, limit_bytes=25) == 25 and probed == [28, 27, 23, 25]
-    # a probe that runs out of memory counts as too much
-    peak, probed = fake_peaks(base=10, per_block=3, num_blocks=28, capacity=26, extra=4)
-    assert auto_checkpoint_count(28, peak, limit_bytes=25) == 25 and probed == [28, 27, 23, 24, 25]
-    peak, _ = fake_peaks(base=10, per_block=3, num_blocks=28, capacity=12)
-    assert auto_checkpoint_count(28, peak, limit_bytes=25) == 28
-    assert auto_checkpoint_count(4, lambda count: 10.0, limit_bytes=25) == 0  # recompute saves nothing
-
-
 def test_config_keys():
     assert make_config().distill.checkpoint_blocks == "auto"
     assert make_config(checkpoint_blocks="7").distill.checkpoint_blocks == 7
@@ -144,3 +112,10 @@ def test_config_keys():
         make_config(fp_targets="cached")
     with pytest.raises(ConfigError, match="fused_weights"):
         make_config(fused_weights="yes")
+    assert make_config().distill.checkpoint_memory_fraction == 0.85
+    assert make_config(checkpoint_memory_fraction="0.5").distill.checkpoint_memory_fraction == 0.5
+    for bad in (0, 1.5, -0.1, "most"):
+        with pytest.raises(ConfigError, match="checkpoint_memory_fraction"):
+            make_config(checkpoint_memory_fraction=bad)
+    with pytest.raises(ConfigError, match="compile"):
+        make_config(compile="yes")

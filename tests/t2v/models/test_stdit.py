@@ -182,3 +182,22 @@ def test_constructor_flags():
     assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {
         n for n, _ in frozen.named_parameters() if "attn_temp" in n
     }
+
+
+def test_temporal_table_in_every_block_is_opt_in(fixtures_dir, inputs):
+    """Off (the default) is OpenSora's model and leaves the config as it was; on, blocks after the first also see the
+    temporal table, which changes the output of a model with more than one block but no weight names."""
+    config = {**tiny_config(fixtures_dir), "depth": 2}
+    torch.manual_seed(0)
+    model = STDiT(**config).eval()
+    for p in model.parameters():  # the zero-initialised output projections would hide the difference
+        nn.init.normal_(p, std=0.05)
+    every = STDiT(**config, temporal_pos_every_block=True).eval()
+    every.load_state_dict(model.state_dict())
+    assert "temporal_pos_every_block" not in model.config and every.config["temporal_pos_every_block"] is True
+    args = (inputs["x"], inputs["timestep"], inputs["y"], inputs["mask"])
+    with torch.no_grad():
+        assert not torch.allclose(model(*args), every(*args))
+        every.blocks = every.blocks[:1]  # with one block the two are the same model
+        model.blocks = model.blocks[:1]
+        torch.testing.assert_close(model(*args), every(*args), rtol=0, atol=0)

@@ -1,0 +1,134 @@
+"""The inference kernels as `torch.library` custom ops, so that torch.compile sees each one as a single opaque call.
+
+Dynamo does not trace into a Triton launcher (autotuners, heuristics, host-side checks) and does not graph-break
+on one: under compilation the dispatch functions (`qdiff.kernels.int_gemm.int_gemm`,
+`qdiff.kernels.act_quant.quantize_per_token` / `project_codes`, `qdiff.kernels.fake_quant.fake_quant_per_token`,
+`qdiff.kernels.weight_quant.fake_quant_weight`) call the ops below instead of the kernels. Each op's
+implementation is that same dispatch function run eagerly, so it picks the Triton kernel on CUDA and the PyTorch
+reference elsewhere (CPU: torch integer matmul) exactly as the eager model does; each op has a `register_fake`
+shape function for tracing. Eager (uncompiled) calls never go through these ops: they keep the direct path.
+
+    torch.ops.qdiff.int_gemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, proj, post_b,
+                             out_dtype, k, backend) -> y [M, N]
+    torch.ops.qdiff.quantize_per_token(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a,
+                                       frame_factor, producer, shift, mscale, rows_per_sample, eps, backend)
+        -> (codes [M, K] int8, scale [M] f32, zero [M] i32, rowsum [M] i32, proj [M, r] f32; r = 0 without post_a)
+    torch.ops.qdiff.project_codes(codes, scale, zero, post_a, frame_factor, backend) -> proj [M, r] f32
+    torch.ops.qdiff.fake_quant_per_token(x, bits) -> x̂ like x
+    torch.ops.qdiff.fake_quant_weight(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, post_b,
+                                      post_a, out_dtype) -> Ŵ [d_out, d_in]
+
+Written without `from __future__ import annotations`: the op schemas are inferred from these annotations
+(typing.Optional, as torch 2.11 expects).
+"""
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+NO_STATIC = float("nan")  # static_delta / static_zero when the activation range is dynamic
+
+
+# ------------------------------------------------------------------------------------------ integer GEMM
+@torch.library.custom_op("qdiff::int_gemm", mutates_args=())
+def int_gemm_op(a: Tensor, a_scale: Tensor, a_zero: Optional[Tensor], a_rowsum: Optional[Tensor], w: Tensor,
+                w_scale: Tensor, w_zero: Optional[Tensor], w_colsum: Optional[Tensor], bias: Optional[Tensor],
+                proj: Optional[Tensor], post_b: Optional[Tensor], out_dtype: torch.dtype, k: int,
+                backend: str) -> Tensor:
+    """`qdiff.kernels.int_gemm.int_gemm` (k = K for int4x2 weights, 0 for int8 weights)."""
+    from qdiff.kernels.int_gemm import int_gemm
+
+    def dense(t):  # the compiler may hand over other strides than eager made; the kernels need row-major operands
+        return None if t is None else t.contiguous()
+
+    return int_gemm(a.contiguous(), a_scale.contiguous(), dense(a_zero), dense(a_rowsum), w, w_scale, dense(w_zero),
+                    dense(w_colsum), bias=bias, proj=proj, post_b=post_b, out_dtype=out_dtype, k=k or None,
+                    backend=backend)
+
+
+@int_gemm_op.register_fake
+def _int_gemm_fake(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, proj, post_b, out_dtype, k,
+                   backend):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------------------ activation codes
+@torch.library.custom_op("qdiff::quantize_per_token", mutates_args=())
+def quantize_per_token_op(x: Tensor, bits: int, symmetric: bool, smooth_scale: Optional[Tensor],
+                          static_delta: float, static_zero: float, post_a: Optional[Tensor],
+                          frame_factor: Optional[Tensor], producer: int, shift: Optional[Tensor],
+                          mscale: Optional[Tensor], rows_per_sample: int, eps: float,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`qdiff.kernels.act_quant.quantize_per_token`; static range given as (Δ, z), NaN for dynamic; producer 0 (none),
+    1 (LayerNorm + modulate with shift, mscale [B, K], rows_per_sample, eps) or 2 (GELU-tanh)."""
+    from qdiff.kernels.act_quant import quantize_per_token
+    from qdiff.kernels.fused_producers import GELU_TANH, LAYERNORM_MODULATE, GeluTanh, LayerNormModulate
+
+    static = None if static_delta != static_delta else (static_delta, static_zero)  # NaN: dynamic
+    made = None
+    if producer == LAYERNORM_MODULATE:
+        made = LayerNormModulate(shift, mscale, rows_per_sample, eps)
+    elif producer == GELU_TANH:
+        made = GeluTanh()
+    act = quantize_per_token(x, bits, symmetric, smooth_scale=smooth_scale, static=static, post_a=post_a,
+                             frame_factor=frame_factor, producer=made, backend=backend)
+    proj = act.proj if act.proj is not None else torch.empty(x.shape[0], 0, dtype=torch.float32, device=x.device)
+    return act.codes, act.scale, act.zero, act.rowsum, proj
+
+
+@quantize_per_token_op.register_fake
+def _quantize_per_token_fake(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor,
+                             producer, shift, mscale, rows_per_sample, eps, backend):
+    rows, cols = x.shape
+    rank = 0 if post_a is None else post_a.shape[0]
+    return (x.new_empty((rows, cols), dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.int32), x.new_empty((rows,), dtype=torch.int32),
+            x.new_empty((rows, rank), dtype=torch.float32))
+
+
+@torch.library.custom_op("qdiff::project_codes", mutates_args=())
+def project_codes_op(codes: Tensor, scale: Tensor, zero: Tensor, post_a: Tensor, frame_factor: Optional[Tensor],
+                     backend: str) -> Tensor:
+    """`qdiff.kernels.act_quant.project_codes` of the codes (rowsum is not read)."""
+    from qdiff.kernels.act_quant import ActCodes, project_codes
+
+    return project_codes(ActCodes(codes, scale, zero, zero, None), post_a, frame_factor, backend=backend)
+
+
+@project_codes_op.register_fake
+def _project_codes_fake(codes, scale, zero, post_a, frame_factor, backend):
+    return codes.new_empty((codes.shape[0], post_a.shape[0]), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ fake quantization
+@torch.library.custom_op("qdiff::fake_quant_per_token", mutates_args=())
+def fake_quant_per_token_op(x: Tensor, bits: int) -> Tensor:
+    """`qdiff.kernels.fake_quant.fake_quant_per_token`."""
+    from qdiff.kernels.fake_quant import fake_quant_per_token
+
+    return fake_quant_per_token(x, bits)
+
+
+@fake_quant_per_token_op.register_fake
+def _fake_quant_per_token_fake(x, bits):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qdiff::fake_quant_weight", mutates_args=())
+def fake_quant_weight_op(weight: Tensor, delta: Tensor, zero_point: Tensor, bits: int, symmetric: bool,
+                         smooth: Optional[Tensor], low_rank: Optional[Tensor], post: Optional[Tensor],
+                         post_b: Optional[Tensor], post_a: Optional[Tensor],
+                         out_dtype: Optional[torch.dtype]) -> Tensor:
+    """`qdiff.kernels.weight_quant.fake_quant_weight`; the rank-1 post term as (post_b, post_a), a full one as post."""
+    from qdiff.kernels.weight_quant import fake_quant_weight
+
+    pair = (post_b, post_a) if post_b is not None else post
+    out = fake_quant_weight(weight, delta, zero_point, bits, symmetric, smooth=smooth, low_rank=low_rank, post=pair,
+                            out_dtype=out_dtype)
+    return out.clone() if out is weight else out  # never alias an input (the reference's .to may return it)
+
+
+@fake_quant_weight_op.register_fake
+def _fake_quant_weight_fake(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, post_b, post_a,
+                            out_dtype):
+    return weight.new_empty(weight.shape, dtype=out_dtype or weight.dtype)

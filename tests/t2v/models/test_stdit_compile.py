@@ -1,0 +1,106 @@
+"""Compiled STDiT blocks (`compile_blocks`) on the CPU: no graph breaks, one graph for every block, and the same
+output as the eager model in float32 and bfloat16. The fixed-shape block inputs (padded text + key mask, zero
+temporal table) and the matmul-softmax-matmul temporal attention are checked eagerly against the default path.
+Compilation uses the aot_eager backend (dynamo + AOT autograd, no code generation) to stay fast on a 2-core CPU;
+inductor's code for the quantizer is checked in tests/qdiff/kernels/test_act_quant_torch.py."""
+import pytest
+import torch
+
+from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks
+
+TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = STDiT(**TINY).eval()
+    with torch.no_grad():  # OpenSora zero-initialises some layers; give them values
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+    return model.to(dtype)
+
+
+def inputs(mask_rows=2):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 4, 8, 8, generator=gen)
+    y = torch.randn(2, 1, 8, 32, generator=gen)
+    mask = torch.ones(mask_rows, 8, dtype=torch.long)
+    mask[-1, 5:] = 0
+    return x, torch.tensor([999, 400]), y, mask
+
+
+def relative(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("mask_rows", [2, 1, 0])  # per sample, one row repeated (CFG), no mask
+def test_static_block_inputs_equal_packed_text(mask_rows):
+    model = tiny_model()
+    x, t, y, mask = inputs(max(mask_rows, 1))
+    mask = mask if mask_rows else None
+    with torch.no_grad():
+        packed = model(x, t, y, mask=mask)
+        model.static_block_inputs = True
+        padded = model(x, t, y, mask=mask)
+    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one valid"):
+        model(x, t, y, mask=torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_math_attention_equals_sdpa():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(6, 4, 16, 8, generator=gen) for _ in range(3))
+    torch.testing.assert_close(_math_attention(q, k, v), _attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_block_has_no_graph_breaks():
+    model = tiny_model()
+    block = model.blocks[0]
+    x = torch.randn(2, 64, 64)
+    y = torch.randn(2, 8, 64)
+    key_mask = torch.ones(2, 8, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(block)(x, y, torch.randn(2, 6 * 64), key_mask, model.pos_embed_temporal)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_blocks_equal_eager(dtype, tolerance):
+    model = tiny_model(dtype)
+    x, t, y, mask = inputs()
+    with torch.no_grad():
+        eager = model(x, t, y, mask=mask)
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the graphs dynamo hands over
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compile_blocks(model, backend=backend)
+    assert model.static_block_inputs and all(block.attn_temp.math_attention for block in model.blocks)
+    assert not any(block.attn.math_attention for block in model.blocks)  # spatial attention stays SDPA
+    with torch.no_grad():
+        compiled = model(x, t, y, mask=mask)
+        again = model(x, t, y[:, :, torch.arange(8).flip(0)], mask=mask[:, torch.arange(8).flip(0)])  # other lengths
+    assert len(graphs) == 1  # one graph for both blocks and both prompt layouts (fullgraph: no breaks)
+    assert compiled.dtype == torch.float32 and again.shape == compiled.shape
+    assert relative(compiled, eager) < tolerance
+    compile_blocks(model, enabled=False)
+    assert not model.static_block_inputs and not any(block.attn_temp.math_attention for block in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, mask=mask), eager)
+    torch._dynamo.reset()
+
+
+def test_compile_blocks_rejects_unknown_attention():
+    with pytest.raises(ValueError, match="temporal_attention"):
+        compile_blocks(tiny_model(), temporal_attention="flash")
