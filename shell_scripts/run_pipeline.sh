@@ -2,7 +2,8 @@
 # The whole chain: FP inference -> calibration data -> calibration (+distillation) -> quantized inference for
 # each method -> a table comparing every quantized run with FP.
 #
-#   bash shell_scripts/run_pipeline.sh --preset tiny                      # CPU, a few minutes, no download
+#   bash shell_scripts/run_pipeline.sh --preset tiny                      # CPU, a few minutes: the trained shapes model
+#   bash shell_scripts/run_pipeline.sh --preset tiny-random               # the same chain on a random tiny model
 #   bash shell_scripts/run_pipeline.sh --preset opensora-16x512x512 \
 #        --ckpt logs/split_ckpt/OpenSora-v1-HQ-16x512x512-split.safetensors [--text_embeds FILE]
 #
@@ -11,24 +12,26 @@
 # SAMPLING_STEPS (stages 2, 3, 5; calibration then uses every captured step: calib.n_steps), DISTILL_ITERS.
 set -euo pipefail
 
-PRESET=tiny; CKPT=""; TEXT_EMBEDS=""; CFG_ENV=${CFG:-}
+PRESET=tiny; CKPT=""; TEXT_EMBEDS=""; CFG_ENV=${CFG:-}; TINY_STEPS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2;;
     --ckpt) CKPT=$2; shift 2;;
     --text_embeds) TEXT_EMBEDS=$2; shift 2;;
-    -h|--help) sed -n 2,12p "$0"; exit 0;;
+    -h|--help) sed -n 2,13p "$0"; exit 0;;
     *) echo "run_pipeline.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
 
 case "$PRESET" in
-  tiny)
-    CFG=configs/opensora/tiny_qvdit.py
-    RUN=${RUN:-logs/pipeline_tiny}
+  tiny|tiny-random)
+    # tiny: the shapes model trained here (checkpoints/tiny_t2v); tiny-random: a random tiny STDiT, T5 and VAE.
+    # Both: 3 prompts, 20 DDIM steps (10 of them calibrate), a short distillation with a larger learning rate.
+    if [ "$PRESET" = tiny ]; then CFG=configs/opensora/tiny_trained_qvdit.py; else CFG=configs/opensora/tiny_qvdit.py; fi
+    RUN=${RUN:-logs/pipeline_$PRESET}
     METHODS=${METHODS:-"w8a8_ptq w4a8_viditq w4a6_qvdit"}
     NPROMPTS=3
-    # Tiny data: 10 sampling steps, 3 prompts; a short distillation with a larger learning rate.
+    TINY_STEPS=20
     QUANT_SET=(--set calib.n_steps=10 --set calib.n_prompts=3 --set distill.iterations=60 --set distill.lr=5e-4 --set distill.checkpoint_every=30)
     ;;
   opensora-16x512x512)
@@ -39,12 +42,13 @@ case "$PRESET" in
     QUANT_SET=()
     if [ -z "$CKPT" ]; then echo "run_pipeline.sh: --preset opensora-16x512x512 needs --ckpt SPLIT_CHECKPOINT" >&2; exit 2; fi
     ;;
-  *) echo "run_pipeline.sh: unknown preset $PRESET (tiny | opensora-16x512x512)" >&2; exit 2;;
+  *) echo "run_pipeline.sh: unknown preset $PRESET (tiny | tiny-random | opensora-16x512x512)" >&2; exit 2;;
 esac
 
 CFG=${CFG_ENV:-$CFG}
 if [ -n "${NUM_PROMPTS:-}" ]; then NPROMPTS=$NUM_PROMPTS; QUANT_SET+=(--set "calib.n_prompts=$NUM_PROMPTS"); fi
 SAMPLE=()
+if [ -n "${TINY_STEPS:-}" ] && [ -z "${SAMPLING_STEPS:-}" ]; then SAMPLE+=(--num_sampling_steps "$TINY_STEPS"); fi
 if [ -n "${SAMPLING_STEPS:-}" ]; then
   SAMPLE+=(--num_sampling_steps "$SAMPLING_STEPS"); QUANT_SET+=(--set "calib.n_steps=$SAMPLING_STEPS")
 fi

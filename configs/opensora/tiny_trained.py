@@ -1,7 +1,8 @@
-# The tiny text-to-video model trained here (docs/tiny_model.md): STDiT (6 blocks, hidden 256, patch 1x4x4) in
-# pixel space with a word-level T5 encoder, trained on procedural shape videos (t2v/data/shapes.py).
+# The tiny text-to-video model trained here (docs/tiny_model.md): STDiT (6 blocks, hidden 256; the patch and every
+# other size come from the file's metadata) in pixel space with a word-level T5 encoder, trained on procedural shape
+# videos (t2v/data/shapes.py). The checkpoint ships in the repo.
 # 16 frames of 32x32, OpenSora's IDDPM sampler over 100 steps with CFG 4.0, float32 (CPU-friendly).
-# Train the checkpoint with `python -m t2v.scripts.train_tiny --outdir checkpoints/tiny_t2v` (GPU, ~8 minutes).
+# To retrain it: `python -m t2v.scripts.train_tiny` (GPU; the recipe of the shipped file is in docs/tiny_model.md).
 num_frames = 16
 fps = 8
 image_size = (32, 32)

@@ -50,7 +50,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
-                       "class_dropout_prob")
+                       "class_dropout_prob", "temporal_pos_every_block")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ class TrainConfig:
     text_d_ff: int = field(default=256, metadata={"help": "text encoder gated-GELU FFN width"})
     model_max_length: int = field(default=12, metadata={"help": "text tokens L (captions have 9 words + end)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "caption dropout (CFG training)"})
+    temporal_pos_every_block: bool = field(default=False, metadata={
+        "help": "add the temporal sin-cos table to every block's temporal attention, not only the first "
+                "(OpenSora: first only)"})
     # data
     num_frames: int = field(default=16, metadata={"help": "frames T"})
     image_size: int = field(default=32, metadata={"help": "frame height = width, pixels"})
@@ -83,6 +86,10 @@ class TrainConfig:
     loss_weighting: str = field(default="none", metadata={
         "help": "weight of the eps MSE per timestep: none (OpenSora) or min_snr (min(SNR, gamma)/SNR)"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min_snr weighting"})
+    high_t_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of each batch whose timesteps are drawn from [high_t_start, 1000) instead of [0, 1000) "
+                "(more updates where the layout and motion are decided); 0 = uniform, as OpenSora"})
+    high_t_start: int = field(default=500, metadata={"help": "lowest timestep of the high_t_fraction draws"})
     clamp_variance: bool = field(default=True, metadata={
         "help": "clamp the variance output to [-1, 1] in the VLB term (unclamped, as OpenSora, it drifted and "
                 "overflowed after ~10k steps)"})
@@ -111,6 +118,10 @@ class TrainConfig:
         if any(n % int(p) for n, p in zip(sizes, self.patch_size)):
             raise ValueError(f"patch_size {self.patch_size} must divide (num_frames, image_size, image_size) = "
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
+        if not 0.0 <= self.high_t_fraction <= 1.0:
+            raise ValueError(f"high_t_fraction must be in [0, 1], got {self.high_t_fraction}")
+        if not 0 <= self.high_t_start < 1000:
+            raise ValueError(f"high_t_start must be in [0, 1000), got {self.high_t_start}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -122,7 +133,8 @@ class TrainConfig:
         return dict(input_size=(self.num_frames, self.image_size, self.image_size), in_channels=3,
                     patch_size=tuple(self.patch_size), hidden_size=self.hidden_size, depth=self.depth,
                     num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
-                    pred_sigma=True, caption_channels=self.text_d_model, model_max_length=self.model_max_length)
+                    pred_sigma=True, caption_channels=self.text_d_model, model_max_length=self.model_max_length,
+                    **({"temporal_pos_every_block": True} if self.temporal_pos_every_block else {}))
 
     def text_config(self) -> dict:
         return dict(d_model=self.text_d_model, num_layers=self.text_layers, num_heads=self.text_heads,
@@ -187,7 +199,11 @@ def load_init_weights(cfg: TrainConfig, module: TinyT2V) -> int:
     text encoder or vocabulary is not `cfg`'s."""
     info = read_tiny_metadata(cfg.init_from)
     mine = json.loads(json.dumps(module.metadata()))
-    changed = [key for key in ("dit_config", "text_config", "vocabulary") if info.get(key) != mine[key]]
+    # The temporal table's placement adds no weights: a model may be continued with it switched on.
+    def weights_shape(key, value):
+        return {k: v for k, v in value.items() if k != "temporal_pos_every_block"} if key == "dit_config" else value
+    changed = [key for key in ("dit_config", "text_config", "vocabulary")
+               if weights_shape(key, info.get(key) or {}) != weights_shape(key, mine[key])]
     if changed:
         details = "; ".join(f"{k}: file {info.get(k)!r}, now {mine[k]!r}" for k in changed)
         raise ValueError(f"--init_from {cfg.init_from}: another architecture ({details})")
@@ -237,6 +253,8 @@ def load_train_state(cfg: TrainConfig, path: Path, device: torch.device) -> Trai
         meta = json.loads((f.metadata() or {})[STATE_KEY])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     saved = meta["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved.get(k, json.loads(json.dumps(defaults[k]))) for k in ARCHITECTURE_FIELDS}
     changed = [f"{k}: saved {saved[k]!r}, now {getattr(cfg, k)!r}" for k in ARCHITECTURE_FIELDS
                if json.loads(json.dumps(getattr(cfg, k))) != saved[k]]
     if changed:
@@ -276,6 +294,16 @@ def update_ema(ema: nn.Module, module: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach() for p in module.parameters()], 1.0 - decay)
 
 
+def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
+    """int64 [B] training timesteps from the global RNG: uniform on [0, num_steps), except that the first
+    round(high_t_fraction·B) rows are uniform on [high_t_start, num_steps)."""
+    index = torch.randint(0, num_steps, (cfg.batch_size,), device=device)
+    n_high = round(cfg.high_t_fraction * cfg.batch_size)
+    if n_high:
+        index[:n_high] = torch.randint(cfg.high_t_start, num_steps, (n_high,), device=device)
+    return index
+
+
 def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torch.Tensor:
     """float32 [B]: the weight of each sample's eps MSE. "none": 1. "min_snr" (Hang et al. 2023):
     min(SNR_t, gamma)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t), which damps the easy low-noise steps that otherwise
@@ -295,7 +323,7 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     device = token_ids.device
     videos, caption_ids = shapes.sample_batch(cfg.batch_size, state.data_generator, cfg.split, cfg.spec(), device)
     ids, mask = token_ids[caption_ids], token_mask[caption_ids]  # [B, L] each
-    index = torch.randint(0, diffusion.num_sampling_steps, (cfg.batch_size,), device=device)
+    index = sample_timesteps(cfg, diffusion.num_sampling_steps, device)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step)
     module.train()

@@ -14,7 +14,7 @@ from t2v.pipeline.build import build_model
 from t2v.pipeline.config import ConfigError, load_inference_config
 from t2v.pipeline.sample import build_pipeline, generate_videos
 from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
-                                     mse_weights, new_state, train, train_step)
+                                     mse_weights, new_state, sample_timesteps, train, train_step)
 from t2v.pipeline.video_io import read_video
 from t2v.schedulers.iddpm import IDDPM
 from t2v.scripts import train_tiny as train_tiny_cli
@@ -190,3 +190,28 @@ def test_a_non_finite_gradient_skips_the_update():
     after = tiny_state_dict(state.module)
     assert all(torch.equal(before[k], after[k]) for k in before if k != "dit.final_layer.linear.bias")
     assert state.step == 0 and state.skipped_steps == 1 and not state.optimizer.state
+
+
+def test_high_t_fraction_draws_that_share_of_the_batch_from_the_high_range():
+    torch.manual_seed(0)
+    cfg = TrainConfig(batch_size=1000, high_t_fraction=0.25, high_t_start=600)
+    index = sample_timesteps(cfg, 1000, "cpu")
+    assert index.shape == (1000,) and index.dtype == torch.int64
+    assert index[:250].min() >= 600 and index.max() < 1000
+    assert abs((index[250:] < 600).float().mean() - 0.6) < 0.06  # the rest stays uniform on [0, 1000)
+    torch.manual_seed(0)
+    uniform = sample_timesteps(TrainConfig(batch_size=1000), 1000, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (1000,)))  # the default draws exactly as before
+    for bad in (dict(high_t_fraction=1.5), dict(high_t_start=1000)):
+        with pytest.raises(ValueError, match="high_t"):
+            TrainConfig(**bad)
+
+
+def test_temporal_table_in_every_block_can_continue_a_model_trained_without(trained):
+    source = trained / MODEL_NAME
+    state = new_state(TrainConfig(init_from=str(source), temporal_pos_every_block=True, **MICRO), torch.device("cpu"))
+    assert state.module.dit.temporal_pos_every_block and state.module.metadata()["dit_config"]["temporal_pos_every_block"]
+    shipped = load_file(source)
+    assert all(torch.equal(v, shipped[k].float()) for k, v in tiny_state_dict(state.module).items())
+    assert "temporal_pos_every_block" not in build_tiny_model(TrainConfig(**MICRO)).dit.config

@@ -99,7 +99,7 @@ def test_run_pipeline_overrides_on_the_tiny_preset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     env = {**ENV, "RUN": str(tmp_path / "run"), "METHODS": "w4a6_qvdit", "CFG": "configs/opensora/tiny_qvdit.py",
            "NUM_PROMPTS": "1", "SAMPLING_STEPS": "3", "DISTILL_ITERS": "2"}
-    proc = subprocess.run(["bash", "shell_scripts/run_pipeline.sh", "--preset", "tiny", "--text_embeds", str(embeds)],
+    proc = subprocess.run(["bash", "shell_scripts/run_pipeline.sh", "--preset", "tiny-random", "--text_embeds", str(embeds)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
