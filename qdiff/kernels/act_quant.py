@@ -81,14 +81,7 @@ def quantize_per_token_reference(
         delta = torch.full((x.shape[0], 1), float(static[0]), dtype=torch.float32, device=x.device)
         zero = torch.full_like(delta, float(static[1]))
     else:
-        lo = x32.amin(dim=-1, keepdim=True).clamp(max=0.0)
-        hi = x32.amax(dim=-1, keepdim=True).clamp(min=0.0)
-        if symmetric:
-            delta = (torch.maximum(-lo, hi) / q_max).clamp(min=MIN_DELTA)
-            zero = torch.zeros_like(delta)
-        else:
-            delta = ((hi - lo) / q_max).clamp(min=MIN_DELTA)
-            zero = torch.round(-lo / delta)
+        delta, zero = dynamic_token_range(x32, q_max, symmetric)
     q = torch.clamp(torch.round(x32 / delta) + zero, q_min, q_max)
     codes = (q - offset).to(torch.int8)
     zero_code = (zero - offset).to(torch.int32)
@@ -96,6 +89,18 @@ def quantize_per_token_reference(
     if post_a is None or post_a.shape[0] == 0:
         return act
     return act._replace(proj=project_codes_reference(act, post_a, frame_factor))
+
+
+def dynamic_token_range(x32: torch.Tensor, q_max: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min-max range of x32 [M, K] float32 (clamped to include 0) -> (Δ, z) float32 [M, 1] each, z on the
+    unsigned grid (0 when symmetric). Plain torch ops, shared by the eager reference and the compiled path."""
+    lo = x32.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = x32.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    if symmetric:
+        delta = (torch.maximum(-lo, hi) / q_max).clamp(min=MIN_DELTA)
+        return delta, torch.zeros_like(delta)
+    delta = ((hi - lo) / q_max).clamp(min=MIN_DELTA)
+    return delta, torch.round(-lo / delta)
 
 
 def quantize_per_token_torch(
@@ -131,14 +136,7 @@ def quantize_per_token_torch(
             delta = torch.full((1, 1), float(static[0]), dtype=torch.float32, device=x.device)
             zero = torch.full_like(delta, float(static[1]))
     else:
-        lo = x32.amin(dim=-1, keepdim=True).clamp(max=0.0)
-        hi = x32.amax(dim=-1, keepdim=True).clamp(min=0.0)
-        if symmetric:
-            delta = (torch.maximum(-lo, hi) / q_max).clamp(min=MIN_DELTA)
-            zero = torch.zeros_like(delta)
-        else:
-            delta = ((hi - lo) / q_max).clamp(min=MIN_DELTA)
-            zero = torch.round(-lo / delta)
+        delta, zero = dynamic_token_range(x32, q_max, symmetric)
     q = torch.clamp(torch.round(x32 / delta) + zero, q_min, q_max)
     codes = (q - offset).to(torch.int8)
     rows = x.shape[0]
