@@ -86,6 +86,10 @@ class TrainConfig:
     loss_weighting: str = field(default="none", metadata={
         "help": "weight of the eps MSE per timestep: none (OpenSora) or min_snr (min(SNR, gamma)/SNR)"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min_snr weighting"})
+    x0_weight_floor: float = field(default=0.0, metadata={
+        "help": "raise the eps-MSE weight w of each sample to at least floor/SNR, i.e. give every timestep an "
+                "x0-space weight (w·SNR) of at least this floor; at high noise the plain eps MSE weighs the x0 "
+                "error by SNR ≈ 0, so the clip's layout and motion direction get no gradient. 0 = off"})
     high_t_fraction: float = field(default=0.0, metadata={
         "help": "fraction of each batch whose timesteps are drawn from [high_t_start, 1000) instead of [0, 1000) "
                 "(more updates where the layout and motion are decided); 0 = uniform, as OpenSora"})
@@ -118,6 +122,8 @@ class TrainConfig:
         if any(n % int(p) for n, p in zip(sizes, self.patch_size)):
             raise ValueError(f"patch_size {self.patch_size} must divide (num_frames, image_size, image_size) = "
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
+        if self.x0_weight_floor < 0:
+            raise ValueError(f"x0_weight_floor must be >= 0, got {self.x0_weight_floor}")
         if not 0.0 <= self.high_t_fraction <= 1.0:
             raise ValueError(f"high_t_fraction must be in [0, 1], got {self.high_t_fraction}")
         if not 0 <= self.high_t_start < 1000:
@@ -307,12 +313,17 @@ def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
 def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torch.Tensor:
     """float32 [B]: the weight of each sample's eps MSE. "none": 1. "min_snr" (Hang et al. 2023):
     min(SNR_t, gamma)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t), which damps the easy low-noise steps that otherwise
-    dominate the gradient; the VLB (variance) term is left unweighted."""
-    if cfg.loss_weighting == "none":
-        return torch.ones(index.shape, device=index.device)
+    dominate the gradient. Then, with `x0_weight_floor` κ > 0, w = max(w, κ/SNR_t): an eps error e is an x0 error
+    e/√SNR_t, so the eps MSE weighs the x0 MSE by w·SNR_t, which vanishes at high noise; the floor keeps it ≥ κ.
+    The VLB (variance) term is left unweighted."""
     alpha_bar = diffusion.schedule.alphas_cumprod.to(index.device, torch.float32)[index]
     snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=cfg.min_snr_gamma) / snr
+    weights = torch.ones(index.shape, device=index.device)
+    if cfg.loss_weighting == "min_snr":
+        weights = snr.clamp(max=cfg.min_snr_gamma) / snr
+    if cfg.x0_weight_floor > 0:
+        weights = torch.maximum(weights, cfg.x0_weight_floor / snr)
+    return weights
 
 
 def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, token_mask: torch.Tensor,

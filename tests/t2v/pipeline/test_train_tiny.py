@@ -167,6 +167,23 @@ def test_min_snr_weights_follow_the_formula():
         TrainConfig(loss_weighting="snr")
 
 
+def test_x0_weight_floor_keeps_the_x0_space_weight_of_high_noise_steps():
+    diffusion = IDDPM(num_sampling_steps=1000)
+    index = torch.tensor([0, 100, 500, 800, 999])
+    alpha_bar = diffusion.schedule.alphas_cumprod[index].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    cfg = TrainConfig(loss_weighting="min_snr", min_snr_gamma=5.0, x0_weight_floor=0.05)
+    weights = mse_weights(cfg, diffusion, index)
+    x0_weights = weights * snr  # what each sample's x0 MSE is weighed by
+    torch.testing.assert_close(x0_weights, torch.maximum(snr.clamp(max=5.0), torch.tensor(0.05)))
+    assert weights[0] < 1e-3  # low noise: min_snr untouched (its x0 weight 5 is above the floor)
+    assert weights[-1] > 1000  # t = 999: SNR ≈ 4e-5, so the weight is 0.05 / SNR
+    plain = mse_weights(TrainConfig(x0_weight_floor=0.05), diffusion, index)
+    torch.testing.assert_close(plain, torch.maximum(torch.ones(5), 0.05 / snr))
+    with pytest.raises(ValueError, match="x0_weight_floor"):
+        TrainConfig(x0_weight_floor=-1.0)
+
+
 def test_init_from_loads_the_weights_and_counts_their_steps(trained):
     source = trained / MODEL_NAME
     state = new_state(TrainConfig(init_from=str(source), **MICRO), torch.device("cpu"))
