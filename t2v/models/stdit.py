@@ -47,6 +47,7 @@ from t2v.models.embeddings import (
 # Deterministic sin-cos tables: in the state dict (as in OpenSora), but filled from the config when a
 # checkpoint lacks them (OpenSora itself discards them on load).
 SINCOS_BUFFERS = ("pos_embed", "pos_embed_temporal")
+TEMPORAL_POS = ("first_block", "every_block", "input")  # where the temporal table enters (STDiT temporal_pos)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONFIG_METADATA_KEY = "stdit_config"
@@ -264,9 +265,11 @@ class STDiT(nn.Module):
         freeze: None, "not_temporal" (train only ``attn_temp``) or "text" (freeze ``cross_attn``).
         enable_flashattn, enable_layernorm_kernel: accepted and ignored (SDPA picks the kernel).
         enable_sequence_parallelism: only False.
-        temporal_pos_every_block: not in OpenSora (default False, which is OpenSora's model): add the temporal table
-            to every block's temporal-attention input, not only the first block's. A training option of the tiny
-            model (docs/tiny_model.md); it adds no weights.
+        temporal_pos: where the temporal sin-cos table enters; not an OpenSora option. "first_block" (default,
+            OpenSora v1.0's model): the first block's temporal-attention input only, so frame order reaches the
+            residual stream only through attention. "every_block": every block's temporal-attention input.
+            "input": also added to the token embeddings together with the spatial table (as Latte does), so every
+            token carries its frame index. Training options of the tiny model (docs/tiny_model.md); no weights.
     """
 
     def __init__(
@@ -291,7 +294,7 @@ class STDiT(nn.Module):
         enable_flashattn=False,
         enable_layernorm_kernel=False,
         enable_sequence_parallelism=False,
-        temporal_pos_every_block=False,
+        temporal_pos="first_block",
     ):
         super().__init__()
         if drop_path != 0:
@@ -302,6 +305,8 @@ class STDiT(nn.Module):
             )
         if enable_sequence_parallelism:
             raise ValueError("enable_sequence_parallelism=True is not supported: qvdit runs STDiT on one device")
+        if temporal_pos not in TEMPORAL_POS:
+            raise ValueError(f"temporal_pos must be one of {TEMPORAL_POS}, got {temporal_pos!r}")
         if freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -314,9 +319,9 @@ class STDiT(nn.Module):
             space_scale=space_scale, time_scale=time_scale, freeze=freeze, enable_flashattn=enable_flashattn,
             enable_layernorm_kernel=enable_layernorm_kernel, enable_sequence_parallelism=enable_sequence_parallelism,
         )  # fmt: skip
-        if temporal_pos_every_block:  # not an OpenSora option: recorded only when on, so OpenSora configs stay as they are
-            self.config["temporal_pos_every_block"] = True
-        self.temporal_pos_every_block = bool(temporal_pos_every_block)
+        if temporal_pos != "first_block":  # not an OpenSora option: recorded only when set, so OpenSora configs stay
+            self.config["temporal_pos"] = temporal_pos
+        self.temporal_pos = temporal_pos
         self.input_size = tuple(input_size)
         self.patch_size = tuple(patch_size)
         self.out_channels = 2 * in_channels if pred_sigma else in_channels
@@ -391,6 +396,8 @@ class STDiT(nn.Module):
                 f"({T}x{S} tokens)"
             )
         x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + self.pos_embed  # [1, S, C] broadcasts over B, T
+        if self.temporal_pos == "input":
+            x = x + self.pos_embed_temporal[:, :, None]  # [1, T, 1, C] broadcasts over B, S
         x = rearrange(x, "B T S C -> B (T S) C")
 
         # 2. timestep: t [B, C] for the final layer, t0 [B, 6C] for the blocks
@@ -405,10 +412,11 @@ class STDiT(nn.Module):
             y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
 
         # 4. blocks; the temporal table enters the first block's temporal attention only (OpenSora v1.0), or every
-        #    block's with temporal_pos_every_block
+        #    block's with temporal_pos="every_block"
         no_table = torch.zeros_like(self.pos_embed_temporal) if self.static_block_inputs else None
         for i, block in enumerate(self.blocks):
-            temporal_pos_embed = self.pos_embed_temporal if i == 0 or self.temporal_pos_every_block else no_table
+            every = i == 0 or self.temporal_pos == "every_block"
+            temporal_pos_embed = self.pos_embed_temporal if every else no_table
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
             else:

@@ -35,6 +35,7 @@ from torch import nn
 
 from qdiff.io import atomic_path, save_safetensors_atomic
 from t2v.data import shapes
+from t2v.models.stdit import TEMPORAL_POS
 from t2v.models.tiny_t2v import (TinyT2V, load_tiny_state_dict, read_tiny_metadata, save_tiny_t2v,
                                  tiny_state_dict)
 from t2v.schedulers.iddpm import IDDPM
@@ -50,7 +51,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
-                       "class_dropout_prob", "temporal_pos_every_block")
+                       "class_dropout_prob", "temporal_pos")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,10 @@ class TrainConfig:
     text_d_ff: int = field(default=256, metadata={"help": "text encoder gated-GELU FFN width"})
     model_max_length: int = field(default=12, metadata={"help": "text tokens L (captions have 9 words + end)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "caption dropout (CFG training)"})
-    temporal_pos_every_block: bool = field(default=False, metadata={
-        "help": "add the temporal sin-cos table to every block's temporal attention, not only the first "
-                "(OpenSora: first only)"})
+    temporal_pos: str = field(default="first_block", metadata={
+        "help": "where the temporal sin-cos table enters (STDiT temporal_pos): first_block (OpenSora v1.0: the "
+                "first block's temporal attention only), every_block, or input (added to the token embeddings "
+                "with the spatial table)"})
     # data
     num_frames: int = field(default=16, metadata={"help": "frames T"})
     image_size: int = field(default=32, metadata={"help": "frame height = width, pixels"})
@@ -122,6 +124,8 @@ class TrainConfig:
         if any(n % int(p) for n, p in zip(sizes, self.patch_size)):
             raise ValueError(f"patch_size {self.patch_size} must divide (num_frames, image_size, image_size) = "
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
+        if self.temporal_pos not in TEMPORAL_POS:
+            raise ValueError(f"temporal_pos: expected one of {TEMPORAL_POS}, got {self.temporal_pos!r}")
         if self.x0_weight_floor < 0:
             raise ValueError(f"x0_weight_floor must be >= 0, got {self.x0_weight_floor}")
         if not 0.0 <= self.high_t_fraction <= 1.0:
@@ -140,7 +144,7 @@ class TrainConfig:
                     patch_size=tuple(self.patch_size), hidden_size=self.hidden_size, depth=self.depth,
                     num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
                     pred_sigma=True, caption_channels=self.text_d_model, model_max_length=self.model_max_length,
-                    **({"temporal_pos_every_block": True} if self.temporal_pos_every_block else {}))
+                    **({"temporal_pos": self.temporal_pos} if self.temporal_pos != "first_block" else {}))
 
     def text_config(self) -> dict:
         return dict(d_model=self.text_d_model, num_layers=self.text_layers, num_heads=self.text_heads,
@@ -207,7 +211,7 @@ def load_init_weights(cfg: TrainConfig, module: TinyT2V) -> int:
     mine = json.loads(json.dumps(module.metadata()))
     # The temporal table's placement adds no weights: a model may be continued with it switched on.
     def weights_shape(key, value):
-        return {k: v for k, v in value.items() if k != "temporal_pos_every_block"} if key == "dit_config" else value
+        return {k: v for k, v in value.items() if k != "temporal_pos"} if key == "dit_config" else value
     changed = [key for key in ("dit_config", "text_config", "vocabulary")
                if weights_shape(key, info.get(key) or {}) != weights_shape(key, mine[key])]
     if changed:

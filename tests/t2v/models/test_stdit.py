@@ -184,20 +184,40 @@ def test_constructor_flags():
     }
 
 
-def test_temporal_table_in_every_block_is_opt_in(fixtures_dir, inputs):
-    """Off (the default) is OpenSora's model and leaves the config as it was; on, blocks after the first also see the
-    temporal table, which changes the output of a model with more than one block but no weight names."""
+def test_temporal_table_placement_is_opt_in(fixtures_dir, inputs):
+    """"first_block" (the default) is OpenSora's model and leaves the config as it was; "every_block" and "input"
+    change the output of a model with more than one block but no weight names."""
     config = {**tiny_config(fixtures_dir), "depth": 2}
     torch.manual_seed(0)
     model = STDiT(**config).eval()
     for p in model.parameters():  # the zero-initialised output projections would hide the difference
         nn.init.normal_(p, std=0.05)
-    every = STDiT(**config, temporal_pos_every_block=True).eval()
-    every.load_state_dict(model.state_dict())
-    assert "temporal_pos_every_block" not in model.config and every.config["temporal_pos_every_block"] is True
     args = (inputs["x"], inputs["timestep"], inputs["y"], inputs["mask"])
+    assert "temporal_pos" not in model.config
+    outputs = []
+    for placement in ("every_block", "input"):
+        other = STDiT(**config, temporal_pos=placement).eval()
+        other.load_state_dict(model.state_dict())
+        assert other.config["temporal_pos"] == placement
+        with torch.no_grad():
+            outputs.append(other(*args))
+            assert not torch.allclose(model(*args), outputs[-1])
+    assert not torch.allclose(*outputs)
+    with pytest.raises(ValueError, match="temporal_pos"):
+        STDiT(**config, temporal_pos="everywhere")
+
+
+def test_temporal_table_in_the_input_is_added_to_every_token_of_its_frame(fixtures_dir):
+    """With temporal_pos="input" the first block sees token (t, s) = patch embedding + spatial[s] + temporal[t]."""
+    config = {**tiny_config(fixtures_dir), "depth": 1}
+    model = STDiT(**config, temporal_pos="input").eval()
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    x = torch.randn(1, config["in_channels"], *config["input_size"])
     with torch.no_grad():
-        assert not torch.allclose(model(*args), every(*args))
-        every.blocks = every.blocks[:1]  # with one block the two are the same model
-        model.blocks = model.blocks[:1]
-        torch.testing.assert_close(model(*args), every(*args), rtol=0, atol=0)
+        model(x, torch.tensor([10]), torch.randn(1, 1, config["model_max_length"], config["caption_channels"]))
+        T, S = model.num_temporal, model.num_spatial
+        want = model.x_embedder(x).reshape(1, T, S, -1) + model.pos_embed[:, None] + model.pos_embed_temporal[:, :, None]
+    torch.testing.assert_close(seen["x"], want.reshape(1, T * S, -1))
+
+

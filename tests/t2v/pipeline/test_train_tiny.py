@@ -225,10 +225,12 @@ def test_high_t_fraction_draws_that_share_of_the_batch_from_the_high_range():
             TrainConfig(**bad)
 
 
-def test_temporal_table_in_every_block_can_continue_a_model_trained_without(trained):
+def test_temporal_table_placement_can_continue_a_model_trained_without(trained):
     source = trained / MODEL_NAME
-    state = new_state(TrainConfig(init_from=str(source), temporal_pos_every_block=True, **MICRO), torch.device("cpu"))
-    assert state.module.dit.temporal_pos_every_block and state.module.metadata()["dit_config"]["temporal_pos_every_block"]
+    state = new_state(TrainConfig(init_from=str(source), temporal_pos="input", **MICRO), torch.device("cpu"))
+    assert state.module.dit.temporal_pos == "input" and state.module.metadata()["dit_config"]["temporal_pos"] == "input"
     shipped = load_file(source)
     assert all(torch.equal(v, shipped[k].float()) for k, v in tiny_state_dict(state.module).items())
-    assert "temporal_pos_every_block" not in build_tiny_model(TrainConfig(**MICRO)).dit.config
+    assert "temporal_pos" not in build_tiny_model(TrainConfig(**MICRO)).dit.config
+    with pytest.raises(ValueError, match="temporal_pos"):
+        TrainConfig(temporal_pos="everywhere")
