@@ -43,6 +43,7 @@ import importlib.util
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -138,9 +139,12 @@ def load_anchor(path: Path) -> dict:
     source = path.read_text()
     if ANCHOR_CUT not in source:
         raise ValueError(f"{path}: no '{ANCHOR_CUT}' line; cannot separate its definitions from its benchmark")
-    namespace: dict = {"__name__": "anchor_block_stack"}
-    exec(compile(source[: source.index(ANCHOR_CUT)], str(path), "exec"), namespace)  # noqa: S102 - our own file
-    return namespace
+    # a registered module, not a bare dict: torch.compile looks the functions' globals up in sys.modules
+    module = types.ModuleType("anchor_block_stack")
+    module.__file__ = str(path)
+    sys.modules[module.__name__] = module
+    exec(compile(source[: source.index(ANCHOR_CUT)], str(path), "exec"), module.__dict__)  # noqa: S102 - our own file
+    return module.__dict__
 
 
 def anchor_block_ms(namespace: dict, compiled: bool = False) -> float:
