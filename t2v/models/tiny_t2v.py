@@ -4,7 +4,7 @@ over a word-level vocabulary, stored together in one safetensors file.
 File layout (`save_tiny_t2v` / `load_tiny_t2v`): tensors `dit.<name>` (STDiT state dict without the sin-cos
 tables, which are recomputed) and `text.<name>` (T5EncoderModel state dict); metadata key `tiny_t2v` holds a
 JSON object with `dit_config` (STDiT kwargs), `text_config` (T5 sizes), `vocabulary` (word list, id = 2 +
-position), `model_max_length`, and whatever the trainer adds (`recipe`, `seed`, `step`, ...).
+position), `model_max_length`, `prediction` ("eps" or "v"; "eps" when absent), and whatever the trainer adds (`recipe`, `seed`, `step`, ...).
 
 Only torch, einops, safetensors and transformers are imported here (no diffusers / mmengine), so the trainer
 runs on a bare GPU image.
@@ -94,14 +94,18 @@ class TinyT2V(nn.Module):
         dit_config: STDiT keyword arguments (caption_channels must equal text d_model).
         text_config: dict(d_model, num_layers, num_heads, d_ff) for `build_text_model`.
         vocabulary: the tokenizer's words.
+        prediction: what the DiT's first C output channels are, "eps" (OpenSora) or "v" (`IDDPM(prediction=)`).
     """
 
-    def __init__(self, dit_config: dict, text_config: dict, vocabulary: list[str]):
+    def __init__(self, dit_config: dict, text_config: dict, vocabulary: list[str], prediction: str = "eps"):
         super().__init__()
         if dit_config["caption_channels"] != text_config["d_model"]:
             raise ValueError(f"dit_config.caption_channels {dit_config['caption_channels']} must equal "
                              f"text_config.d_model {text_config['d_model']}")
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction: expected 'eps' or 'v', got {prediction!r}")
         self.dit_config, self.text_config = dict(dit_config), dict(text_config)
+        self.prediction = prediction
         self.tokenizer = WordTokenizer(vocabulary)
         self.model_max_length = dit_config["model_max_length"]
         self.dit = STDiT(**dit_config)
@@ -117,7 +121,7 @@ class TinyT2V(nn.Module):
 
     def metadata(self) -> dict:
         return {"dit_config": self.dit.config, "text_config": self.text_config, "vocabulary": self.tokenizer.vocabulary,
-                "model_max_length": self.model_max_length}
+                "model_max_length": self.model_max_length, "prediction": self.prediction}
 
 
 def tiny_state_dict(module: TinyT2V, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -170,6 +174,6 @@ def load_tiny_t2v(path, dtype: torch.dtype = torch.float32) -> tuple[TinyT2V, di
     info = read_tiny_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    module = TinyT2V(info["dit_config"], info["text_config"], info["vocabulary"])
+    module = TinyT2V(info["dit_config"], info["text_config"], info["vocabulary"], info.get("prediction", "eps"))
     load_tiny_state_dict(module, tensors)
     return module.to(dtype).eval(), info

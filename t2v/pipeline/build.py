@@ -116,6 +116,9 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
     kind = mcfg.get("type")
     if kind == "tiny_trained":
         module, _ = _load_tiny_trained(mcfg, "model", ckpt_path)
+        if module.prediction != cfg.scheduler.prediction:
+            raise ConfigError(f"the tiny trained model predicts {module.prediction!r}, but scheduler.prediction is "
+                              f"{cfg.scheduler.prediction!r}: set scheduler.prediction = {module.prediction!r}")
         if tuple(module.dit.input_size) != tuple(input_size):
             raise ConfigError(f"the tiny trained model was trained for input (T, H, W) = "
                               f"{tuple(module.dit.input_size)}, but num_frames/image_size give {tuple(input_size)}")
@@ -165,4 +168,5 @@ def build_sampler(cfg: InferenceConfig, num_sampling_steps: int | None = None):
         cfg_scale=s.cfg_scale,
         sampler=s.sampler,
         cfg_split=s.cfg_split,
+        prediction=s.prediction,
     )

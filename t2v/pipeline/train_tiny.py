@@ -38,7 +38,7 @@ from t2v.data import shapes
 from t2v.models.stdit import TEMPORAL_POS
 from t2v.models.tiny_t2v import (TinyT2V, load_tiny_state_dict, read_tiny_metadata, save_tiny_t2v,
                                  tiny_state_dict)
-from t2v.schedulers.iddpm import IDDPM
+from t2v.schedulers.iddpm import IDDPM, PREDICTIONS
 
 STATE_NAME = "train_state.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -51,7 +51,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
-                       "class_dropout_prob", "temporal_pos")
+                       "class_dropout_prob", "temporal_pos", "prediction")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (OpenSora: 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (OpenSora: 1.0)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (warmed up as min(d, (1+s)/(10+s)))"})
+    prediction: str = field(default="eps", metadata={
+        "help": "what the DiT predicts: eps (OpenSora) or v = sqrt(ab)·eps − sqrt(1−ab)·x0, which at high noise is "
+                "about −x0, so the layout is learned directly instead of as a tiny correction to x_t"})
     loss_weighting: str = field(default="none", metadata={
         "help": "weight of the eps MSE per timestep: none (OpenSora) or min_snr (min(SNR, gamma)/SNR)"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min_snr weighting"})
@@ -126,6 +129,8 @@ class TrainConfig:
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
         if self.temporal_pos not in TEMPORAL_POS:
             raise ValueError(f"temporal_pos: expected one of {TEMPORAL_POS}, got {self.temporal_pos!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
         if self.x0_weight_floor < 0:
             raise ValueError(f"x0_weight_floor must be >= 0, got {self.x0_weight_floor}")
         if not 0.0 <= self.high_t_fraction <= 1.0:
@@ -176,7 +181,7 @@ def build_tiny_model(cfg: TrainConfig) -> TinyT2V:
     """A freshly initialised TinyT2V (seeded by cfg.seed, without touching the caller's RNG state)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        module = TinyT2V(cfg.dit_config(), cfg.text_config(), shapes.vocabulary())
+        module = TinyT2V(cfg.dit_config(), cfg.text_config(), shapes.vocabulary(), prediction=cfg.prediction)
         init_dit_weights(module.dit)
     return module
 
@@ -315,18 +320,21 @@ def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
 
 
 def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torch.Tensor:
-    """float32 [B]: the weight of each sample's eps MSE. "none": 1. "min_snr" (Hang et al. 2023):
-    min(SNR_t, gamma)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t), which damps the easy low-noise steps that otherwise
-    dominate the gradient. Then, with `x0_weight_floor` κ > 0, w = max(w, κ/SNR_t): an eps error e is an x0 error
-    e/√SNR_t, so the eps MSE weighs the x0 MSE by w·SNR_t, which vanishes at high noise; the floor keeps it ≥ κ.
-    The VLB (variance) term is left unweighted."""
+    """float32 [B]: the weight of each sample's MSE (of ε or of v, `cfg.prediction`), chosen in x0 space.
+
+    An x0 error e is an ε error √SNR_t·e and a v error √(SNR_t+1)·e, so the MSE of the prediction weighs the
+    x0 MSE by k_t = SNR_t (ε) or SNR_t + 1 (v), with SNR_t = ᾱ_t/(1 − ᾱ_t); k_t → 0 at high noise for ε.
+    "none": w = 1 (the plain MSE, OpenSora). "min_snr" (Hang et al. 2023): w = min(SNR_t, γ)/k_t, which damps the
+    easy low-noise steps. Then, with `x0_weight_floor` κ > 0, w = max(w, κ/k_t): every timestep's x0 weight w·k_t
+    is at least κ. The VLB (variance) term is left unweighted."""
     alpha_bar = diffusion.schedule.alphas_cumprod.to(index.device, torch.float32)[index]
     snr = alpha_bar / (1 - alpha_bar)
+    x0_per_unit = snr if cfg.prediction == "eps" else snr + 1
     weights = torch.ones(index.shape, device=index.device)
     if cfg.loss_weighting == "min_snr":
-        weights = snr.clamp(max=cfg.min_snr_gamma) / snr
+        weights = snr.clamp(max=cfg.min_snr_gamma) / x0_per_unit
     if cfg.x0_weight_floor > 0:
-        weights = torch.maximum(weights, cfg.x0_weight_floor / snr)
+        weights = torch.maximum(weights, cfg.x0_weight_floor / x0_per_unit)
     return weights
 
 
@@ -449,7 +457,7 @@ def sample_videos(module: TinyT2V, prompts: list[str], num_steps: int, cfg_scale
     y_null = module.dit.y_embedder.y_embedding[None, None].expand(len(prompts), -1, -1, -1).float()
     generator = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn((len(prompts), 3, *module.dit.input_size), generator=generator, device=device)
-    sampler = IDDPM(num_sampling_steps=num_steps, cfg_scale=cfg_scale)
+    sampler = IDDPM(num_sampling_steps=num_steps, cfg_scale=cfg_scale, prediction=module.prediction)
     out = sampler.sample(module.dit, z, y, mask=mask, y_null=y_null, generator=generator, progress=False)
     return out.float().clamp(-1, 1)
 
@@ -509,7 +517,7 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
         torch.backends.cudnn.allow_tf32 = True
     state = load_train_state(cfg, state_path, device) if resume else new_state(cfg, device)
     autocast = cfg.amp and device.type == "cuda"
-    diffusion = IDDPM(num_sampling_steps=1000)  # the full training process: index = timestep
+    diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction)  # the full process: index = timestep
     token_ids, token_mask = caption_token_table(state.module, device)
     if cfg.compile:
         for block in state.module.dit.blocks:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 SAMPLERS = ("iddpm", "ddim")
+PREDICTIONS = ("eps", "v")  # what the model output's first C channels are (IDDPM prediction)
 
 
 def linear_betas(num_train_steps: int = 1000) -> torch.Tensor:
@@ -169,12 +170,20 @@ class IDDPM:
             (Q-VDiT's pipeline; numerically the same for a row-independent model).
         cfg_guided_channels: eps channels that CFG guides; 3 is the released quirk, None guides all.
         num_train_steps: length of the original process (1000).
+        prediction: what the model's first C channels are: "eps" (OpenSora) or "v" = √ᾱ·ε − √(1−ᾱ)·x0
+            (Salimans & Ho 2022; an option of the tiny model, which at high noise must otherwise reproduce x_t
+            to a fraction of a percent before it can express any x0). Sampling converts v to ε, so the
+            samplers, CFG and the learned variance are unchanged.
     """
 
     def __init__(self, num_sampling_steps: int = 100, cfg_scale: float = 7.0, sampler: str = "iddpm",
-                 cfg_split: bool = False, cfg_guided_channels: int | None = 3, num_train_steps: int = 1000):
+                 cfg_split: bool = False, cfg_guided_channels: int | None = 3, num_train_steps: int = 1000,
+                 prediction: str = "eps"):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
         self.sampler = sampler
@@ -207,6 +216,21 @@ class IDDPM:
 
     # ---- one reverse step from a given model output --------------------------------------------------
 
+    def eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """The ε prediction from the model's first C channels [B, C, ...]: itself, or ε = √ᾱ·v + √(1−ᾱ)·x_t."""
+        if self.prediction == "eps":
+            return output
+        s = self.schedule
+        return _extract(s.sqrt_alphas_cumprod, index, x_t) * output + _extract(s.sqrt_one_minus_alphas_cumprod, index, x_t) * x_t
+
+    def target(self, x_start: torch.Tensor, noise: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """What the first C output channels should be: noise (ε) or v = √ᾱ·noise − √(1−ᾱ)·x_start."""
+        if self.prediction == "eps":
+            return noise
+        s = self.schedule
+        return _extract(s.sqrt_alphas_cumprod, index, x_start) * noise \
+            - _extract(s.sqrt_one_minus_alphas_cumprod, index, x_start) * x_start
+
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, index: int | torch.Tensor) -> dict:
         """p(x_{t-1} | x_t) from the model output (learned-range variance, eps prediction, no clipping).
 
@@ -216,7 +240,8 @@ class IDDPM:
         """
         dtype = torch.promote_types(model_output.dtype, x_t.dtype)
         x_t = x_t.to(dtype)
-        eps, var_values = model_output.to(dtype).split(x_t.shape[1], dim=1)
+        mean_output, var_values = model_output.to(dtype).split(x_t.shape[1], dim=1)
+        eps = self.eps_from_output(mean_output, x_t, index)
         s = self.schedule
         min_log = _extract(s.posterior_log_variance_clipped, index, x_t)
         max_log = _extract(s.log_betas, index, x_t)
@@ -243,7 +268,7 @@ class IDDPM:
         """
         dtype = torch.promote_types(model_output.dtype, x_t.dtype)
         x_t = x_t.to(dtype)
-        eps = model_output[:, : x_t.shape[1]].to(dtype)
+        eps = self.eps_from_output(model_output[:, : x_t.shape[1]].to(dtype), x_t, index)
         alpha_bar = _extract(self.schedule.alphas_cumprod, index, x_t)
         alpha_bar_prev = _extract(self.schedule.alphas_cumprod_prev, index, x_t)
         pred_xstart = (x_t - torch.sqrt(1 - alpha_bar) * eps) / torch.sqrt(alpha_bar)
@@ -316,7 +341,8 @@ class IDDPM:
         x_start: [B, C, ...]; index: int64 [B] step indices of this process (use num_sampling_steps =
         num_train_steps for the full 1000-step process); the model is called as
         `model(x_t, timestep_map[index], **model_kwargs)` -> [B, 2C, ...].
-        Returns dict(mse = mean((eps − noise)²), vb = VLB term in bits with the eps output detached
+        Returns dict(mse = mean((output − target)²) with target = noise (ε) or v (see `target`), vb = VLB term
+        in bits with the mean output detached
         (KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)), or the decoder NLL at index 0), loss = mse + vb).
         clamp_variance: clamp the variance values v to [-1, 1] in the VLB term (not in OpenSora). Unclamped, v
         extrapolates beyond [log β̃, log β]: the tiny model's v reached 26 at t = 0 and its loss then overflowed.
@@ -325,13 +351,13 @@ class IDDPM:
         x_t = self.q_sample(x_start, index, noise)
         timestep = self.timestep_map.to(index.device)[index]
         model_output = model(x_t, timestep, **(model_kwargs or {}))
-        eps, var_values = model_output.split(x_start.shape[1], dim=1)
-        # The VLB term learns the variance only: it must not move the mean (eps) prediction.
+        mean_output, var_values = model_output.split(x_start.shape[1], dim=1)
+        # The VLB term learns the variance only: it must not move the mean (eps or v) prediction.
         if clamp_variance:
             var_values = var_values.clamp(-1.0, 1.0)
-        frozen = torch.cat([eps.detach(), var_values], dim=1)
+        frozen = torch.cat([mean_output.detach(), var_values], dim=1)
         vb = self._vb_terms_bits(frozen, x_start, x_t, index)
-        mse = _mean_over_non_batch((noise - eps) ** 2)
+        mse = _mean_over_non_batch((self.target(x_start, noise, index) - mean_output) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def _vb_terms_bits(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,

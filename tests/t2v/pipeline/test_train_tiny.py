@@ -1,5 +1,6 @@
 """Tiny text-to-video training on CPU with a micro config: the loss falls, resume is bit-exact, the checkpoint
 loads through the tiny_trained preset and samples videos, and the pieces fail with clear errors."""
+import dataclasses
 import json
 
 import pytest
@@ -234,3 +235,32 @@ def test_temporal_table_placement_can_continue_a_model_trained_without(trained):
     assert "temporal_pos" not in build_tiny_model(TrainConfig(**MICRO)).dit.config
     with pytest.raises(ValueError, match="temporal_pos"):
         TrainConfig(temporal_pos="everywhere")
+
+
+def test_v_prediction_weights_keep_the_same_x0_space_weighting():
+    """An x0 error e is a v error √(SNR+1)·e: min-SNR and the floor are the same x0-space weights as for ε."""
+    diffusion = IDDPM(num_sampling_steps=1000, prediction="v")
+    index = torch.tensor([0, 100, 500, 800, 999])
+    alpha_bar = diffusion.schedule.alphas_cumprod[index].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    cfg = TrainConfig(prediction="v", loss_weighting="min_snr", min_snr_gamma=5.0, x0_weight_floor=0.05)
+    x0_weights = mse_weights(cfg, diffusion, index) * (snr + 1)
+    torch.testing.assert_close(x0_weights, torch.maximum(snr.clamp(max=5.0), torch.tensor(0.05)))
+    assert torch.equal(mse_weights(TrainConfig(prediction="v"), diffusion, index), torch.ones(5))  # plain v MSE
+    with pytest.raises(ValueError, match="prediction"):
+        TrainConfig(prediction="x0")
+
+
+def test_a_v_prediction_model_records_it_and_the_pipeline_checks_it(trained, tmp_path):
+    assert read_tiny_metadata(trained / MODEL_NAME)["prediction"] == "eps"
+    outdir = tmp_path / "v"
+    train(TrainConfig(steps=2, prediction="v", **MICRO), outdir, **QUIET)
+    assert read_tiny_metadata(outdir / MODEL_NAME)["prediction"] == "v"
+    cfg = tiny_trained_config(outdir / MODEL_NAME)
+    with pytest.raises(ConfigError, match=r"predicts 'v'.*scheduler.prediction = 'v'"):
+        build_pipeline(cfg)
+    pipe = build_pipeline(cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, prediction="v")),
+                          num_sampling_steps=2)
+    assert pipe.sampler.prediction == "v"
+    with pytest.raises(ValueError, match=r"settings differ.*prediction: saved 'v', now 'eps'"):
+        train(TrainConfig(steps=3, **MICRO), outdir, resume=True, **QUIET)  # resuming must keep the prediction

@@ -282,3 +282,53 @@ def test_training_losses_clamp_variance_bounds_the_vlb_input():
     inside = diffusion.training_losses(model_with(0.3), x_start, index, noise=noise, clamp_variance=True)
     torch.testing.assert_close(inside["vb"], diffusion.training_losses(model_with(0.3), x_start, index,
                                                                          noise=noise)["vb"])
+
+
+class VFromEps(nn.Module):
+    """The v-prediction twin of an ε model: v = (ε − √(1−ᾱ_t)·x_t)/√ᾱ_t at the original timestep t it is given."""
+
+    def __init__(self, eps_model: nn.Module):
+        super().__init__()
+        self.eps_model = eps_model
+        self.alphas_cumprod = IDDPM(num_sampling_steps=1000).schedule.alphas_cumprod
+
+    def forward(self, x, timestep, y, mask=None):
+        out = self.eps_model(x, timestep, y, mask=mask)
+        eps, var = out.split(x.shape[1], dim=1)
+        alpha_bar = self.alphas_cumprod[timestep].to(x.dtype)[:, None, None, None, None]
+        return torch.cat([(eps - (1 - alpha_bar).sqrt() * x) / alpha_bar.sqrt(), var], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["iddpm", "ddim"])
+def test_v_prediction_samples_like_the_eps_model_it_came_from(kind):
+    """A v model that is an ε model in disguise gives the same videos: sampling converts v back to ε (CFG included)."""
+    model = ToyDenoiser().double()
+    z, y, y_null, mask = (t.double() if t.is_floating_point() else t for t in _inputs())
+    runs = []
+    for prediction, net in (("eps", model), ("v", VFromEps(model))):
+        sampler = IDDPM(num_sampling_steps=10, cfg_scale=4.0, sampler=kind, prediction=prediction)
+        runs.append(sampler.sample(net, z, y, mask, y_null=y_null, generator=torch.Generator().manual_seed(0),
+                                   progress=False))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-9)
+
+
+def test_v_target_and_its_conversion_to_eps():
+    """v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022), and ε is recovered from (v, x_t); the loss's mse is on v."""
+    diffusion = IDDPM(num_sampling_steps=1000, prediction="v")
+    gen = torch.Generator().manual_seed(0)
+    x_start, noise = torch.randn(3, 4, 2, 4, 4, generator=gen, dtype=torch.float64), torch.randn(3, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    index = torch.tensor([0, 500, 999])
+    alpha_bar = diffusion.schedule.alphas_cumprod[index][:, None, None, None, None]
+    v = diffusion.target(x_start, noise, index)
+    torch.testing.assert_close(v, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x_start)
+    x_t = diffusion.q_sample(x_start, index, noise)
+    torch.testing.assert_close(diffusion.eps_from_output(v, x_t, index), noise)
+    assert torch.equal(IDDPM(1000).target(x_start, noise, index), noise)  # ε prediction: the target is the noise
+
+    def perfect(x, timestep, **kwargs):  # outputs the exact v target (and mid-range variance values)
+        return torch.cat([v, torch.zeros_like(v)], dim=1)
+
+    terms = diffusion.training_losses(perfect, x_start, index, noise=noise)
+    torch.testing.assert_close(terms["mse"], torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="prediction"):
+        IDDPM(prediction="x0")
