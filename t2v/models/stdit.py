@@ -415,8 +415,8 @@ class STDiT(nn.Module):
         #    block's with temporal_pos="every_block"
         no_table = torch.zeros_like(self.pos_embed_temporal) if self.static_block_inputs else None
         for i, block in enumerate(self.blocks):
-            every = i == 0 or self.temporal_pos == "every_block"
-            temporal_pos_embed = self.pos_embed_temporal if every else no_table
+            with_table = i == 0 or self.temporal_pos == "every_block"
+            temporal_pos_embed = self.pos_embed_temporal if with_table else no_table
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
             else:

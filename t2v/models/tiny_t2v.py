@@ -4,7 +4,8 @@ over a word-level vocabulary, stored together in one safetensors file.
 File layout (`save_tiny_t2v` / `load_tiny_t2v`): tensors `dit.<name>` (STDiT state dict without the sin-cos
 tables, which are recomputed) and `text.<name>` (T5EncoderModel state dict); metadata key `tiny_t2v` holds a
 JSON object with `dit_config` (STDiT kwargs), `text_config` (T5 sizes), `vocabulary` (word list, id = 2 +
-position), `model_max_length`, `prediction` ("eps" or "v"; "eps" when absent), and whatever the trainer adds (`recipe`, `seed`, `step`, ...).
+position), `model_max_length`, `prediction` ("eps" or "v"; "eps" when absent), and whatever the trainer adds
+(`recipe`, `seed`, `step`, ...).
 
 Only torch, einops, safetensors and transformers are imported here (no diffusers / mmengine), so the trainer
 runs on a bare GPU image.
@@ -22,6 +23,7 @@ from transformers import T5Config, T5EncoderModel
 
 from qdiff.io import save_safetensors_atomic
 from t2v.models.stdit import SINCOS_BUFFERS, STDiT
+from t2v.schedulers.iddpm import PREDICTIONS
 
 METADATA_KEY = "tiny_t2v"
 TRAIN_HINT = ("train it with `python -m t2v.scripts.train_tiny --outdir checkpoints/tiny_t2v` (about 8 minutes on "
@@ -102,8 +104,8 @@ class TinyT2V(nn.Module):
         if dit_config["caption_channels"] != text_config["d_model"]:
             raise ValueError(f"dit_config.caption_channels {dit_config['caption_channels']} must equal "
                              f"text_config.d_model {text_config['d_model']}")
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction: expected 'eps' or 'v', got {prediction!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
         self.dit_config, self.text_config = dict(dit_config), dict(text_config)
         self.prediction = prediction
         self.tokenizer = WordTokenizer(vocabulary)

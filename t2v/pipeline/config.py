@@ -16,6 +16,7 @@ from typing import Any
 
 DTYPES = ("fp32", "fp16", "bf16")
 SAMPLERS = ("iddpm", "ddim")
+PREDICTIONS = ("eps", "v")  # = t2v.schedulers.iddpm.PREDICTIONS (this module does not import torch)
 
 
 class ConfigError(ValueError):
@@ -36,8 +37,8 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.type: expected 'iddpm', got {self.type!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"scheduler.sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
-        if self.prediction not in ("eps", "v"):
-            raise ConfigError(f"scheduler.prediction: expected 'eps' or 'v', got {self.prediction!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"scheduler.prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
         if not (isinstance(self.num_sampling_steps, int) and 1 <= self.num_sampling_steps <= 1000):
             raise ConfigError(f"scheduler.num_sampling_steps: expected an int in 1..1000, got {self.num_sampling_steps!r}")
 

@@ -232,10 +232,11 @@ class IDDPM:
             - _extract(s.sqrt_one_minus_alphas_cumprod, index, x_start) * x_start
 
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, index: int | torch.Tensor) -> dict:
-        """p(x_{t-1} | x_t) from the model output (learned-range variance, eps prediction, no clipping).
+        """p(x_{t-1} | x_t) from the model output (learned-range variance, no clipping).
 
-        model_output: [B, 2C, ...] = [eps (C); v (C)], v ∈ [-1, 1]; x_t: [B, C, ...]; index: int or int64 [B].
-        log variance = frac·log β + (1 − frac)·log β̃_clipped with frac = (v + 1)/2.
+        model_output: [B, 2C, ...] = [mean output (C): ε, or v-prediction converted by `eps_from_output`;
+        variance values u (C), u ∈ [-1, 1]]; x_t: [B, C, ...]; index: int or int64 [B].
+        log variance = frac·log β + (1 − frac)·log β̃_clipped with frac = (u + 1)/2.
         Returns dict(mean, variance, log_variance, pred_xstart), each [B, C, ...], in the promoted dtype.
         """
         dtype = torch.promote_types(model_output.dtype, x_t.dtype)
