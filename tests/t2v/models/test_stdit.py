@@ -203,6 +203,12 @@ def test_temporal_table_placement_is_opt_in(fixtures_dir, inputs):
             outputs.append(other(*args))
             assert not torch.allclose(model(*args), outputs[-1])
     assert not torch.allclose(*outputs)
+    every = STDiT(**config, temporal_pos="every_block").eval()
+    every.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        every.blocks = every.blocks[:1]  # with one block, every_block and first_block are the same model
+        model.blocks = model.blocks[:1]
+        torch.testing.assert_close(model(*args), every(*args), rtol=0, atol=0)
     with pytest.raises(ValueError, match="temporal_pos"):
         STDiT(**config, temporal_pos="everywhere")
 
