@@ -420,7 +420,8 @@ def draw_loss_curve(log: list[dict], path: Path, width: int = 800, height: int =
                 draw.line(line, fill=colour, width=2)
         draw.text((left, bottom + 8), "0", fill="black")
         draw.text((right - 40, bottom + 8), f"{max_step}", fill="black")
-    draw.text((left + 10, 8), "training loss (red: mse + vb, blue: mse), log scale, vs step", fill="black")
+    draw.text((left + 10, 8), "training loss (red: the optimised weighted mse + vb, blue: unweighted mse), log scale, "
+              "vs step", fill="black")
     with atomic_path(path, overwrite=True) as tmp:
         image.save(tmp, format="PNG")
 

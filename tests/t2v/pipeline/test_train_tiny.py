@@ -28,10 +28,12 @@ QUIET = dict(print_fn=lambda message: None)
 
 
 def tiny_trained_config(path, **changes):
-    """The tiny_trained preset pointed at `path`, with the micro model's 4 frames."""
+    """The tiny_trained preset pointed at `path`, with the micro model's 4 frames and ε prediction (the trainer's
+    default; the shipped model predicts v)."""
     cfg = load_inference_config(PRESET)
     return cfg.replace(model={**cfg.model, "from_pretrained": str(path)}, num_frames=4,
-                       text_encoder={**cfg.text_encoder, "from_pretrained": str(path)}, **changes)
+                       text_encoder={**cfg.text_encoder, "from_pretrained": str(path)},
+                       scheduler=dataclasses.replace(cfg.scheduler, prediction="eps"), **changes)
 
 
 @pytest.fixture(scope="module")
