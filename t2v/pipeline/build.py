@@ -116,9 +116,9 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
     kind = mcfg.get("type")
     if kind == "tiny_trained":
         module, _ = _load_tiny_trained(mcfg, "model", ckpt_path)
-        if module.prediction != cfg.scheduler.prediction:
+        if cfg.scheduler.prediction not in (None, module.prediction):
             raise ConfigError(f"the tiny trained model predicts {module.prediction!r}, but scheduler.prediction is "
-                              f"{cfg.scheduler.prediction!r}: set scheduler.prediction = {module.prediction!r}")
+                              f"{cfg.scheduler.prediction!r}: set scheduler.prediction = {module.prediction!r} or leave it out")
         if tuple(module.dit.input_size) != tuple(input_size):
             raise ConfigError(f"the tiny trained model was trained for input (T, H, W) = "
                               f"{tuple(module.dit.input_size)}, but num_frames/image_size give {tuple(input_size)}")
@@ -159,7 +159,17 @@ def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def build_sampler(cfg: InferenceConfig, num_sampling_steps: int | None = None):
+def model_prediction(cfg: InferenceConfig, ckpt_path: str | None = None) -> str:
+    """What the DiT's first C output channels are: what a tiny_trained file records, else "eps" (OpenSora)."""
+    from t2v.models.tiny_t2v import read_tiny_metadata
+
+    if cfg.model.get("type") != "tiny_trained":
+        return "eps"
+    return read_tiny_metadata(ckpt_path or cfg.model["from_pretrained"]).get("prediction", "eps")
+
+
+def build_sampler(cfg: InferenceConfig, num_sampling_steps: int | None = None, ckpt_path: str | None = None):
+    """IDDPM from `cfg.scheduler`; the prediction is `scheduler.prediction`, or the model's (`model_prediction`)."""
     from t2v.schedulers.iddpm import IDDPM
 
     s = cfg.scheduler
@@ -168,5 +178,5 @@ def build_sampler(cfg: InferenceConfig, num_sampling_steps: int | None = None):
         cfg_scale=s.cfg_scale,
         sampler=s.sampler,
         cfg_split=s.cfg_split,
-        prediction=s.prediction,
+        prediction=s.prediction or model_prediction(cfg, ckpt_path),
     )

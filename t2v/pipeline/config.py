@@ -30,14 +30,16 @@ class SchedulerConfig:
     cfg_scale: float = 7.0
     sampler: str = "iddpm"  # "iddpm": ancestral p_sample (OpenSora); "ddim": eta=0 (Q-VDiT pipeline)
     cfg_split: bool = False  # run the cond and uncond halves as two forwards (Q-VDiT pipeline)
-    prediction: str = "eps"  # what the model predicts: "eps" (OpenSora) or "v" (a tiny-model training option)
+    # What the model predicts, "eps" (OpenSora) or "v" (a tiny-model training option). None: the model's own, i.e.
+    # what a tiny_trained file records, else "eps". Set it only to assert it: a mismatch with the file is an error.
+    prediction: str | None = None
 
     def __post_init__(self):
         if self.type != "iddpm":
             raise ConfigError(f"scheduler.type: expected 'iddpm', got {self.type!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"scheduler.sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
-        if self.prediction not in PREDICTIONS:
+        if self.prediction is not None and self.prediction not in PREDICTIONS:
             raise ConfigError(f"scheduler.prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
         if not (isinstance(self.num_sampling_steps, int) and 1 <= self.num_sampling_steps <= 1000):
             raise ConfigError(f"scheduler.num_sampling_steps: expected an int in 1..1000, got {self.num_sampling_steps!r}")

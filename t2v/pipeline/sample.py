@@ -52,7 +52,7 @@ def build_pipeline(cfg: InferenceConfig, ckpt_path=None, precomputed_text_embeds
         text_encoder, embeds = None, load_text_embeds(precomputed_text_embeds)
     else:
         text_encoder, embeds = build_text_encoder(cfg, device=device), None
-    return Pipeline(cfg, model, vae, build_sampler(cfg, num_sampling_steps), device, dtype, text_encoder, embeds)
+    return Pipeline(cfg, model, vae, build_sampler(cfg, num_sampling_steps, ckpt_path), device, dtype, text_encoder, embeds)
 
 
 def encode_text(pipe: Pipeline, prompts: list[str]) -> dict:

@@ -28,12 +28,10 @@ QUIET = dict(print_fn=lambda message: None)
 
 
 def tiny_trained_config(path, **changes):
-    """The tiny_trained preset pointed at `path`, with the micro model's 4 frames and ε prediction (the trainer's
-    default; the shipped model predicts v)."""
+    """The tiny_trained preset pointed at `path`, with the micro model's 4 frames (the prediction comes from the file)."""
     cfg = load_inference_config(PRESET)
     return cfg.replace(model={**cfg.model, "from_pretrained": str(path)}, num_frames=4,
-                       text_encoder={**cfg.text_encoder, "from_pretrained": str(path)},
-                       scheduler=dataclasses.replace(cfg.scheduler, prediction="eps"), **changes)
+                       text_encoder={**cfg.text_encoder, "from_pretrained": str(path)}, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -253,16 +251,18 @@ def test_v_prediction_weights_keep_the_same_x0_space_weighting():
         TrainConfig(prediction="x0")
 
 
-def test_a_v_prediction_model_records_it_and_the_pipeline_checks_it(trained, tmp_path):
+def test_the_pipeline_takes_the_prediction_from_the_model_file(trained, tmp_path):
     assert read_tiny_metadata(trained / MODEL_NAME)["prediction"] == "eps"
     outdir = tmp_path / "v"
     train(TrainConfig(steps=2, prediction="v", **MICRO), outdir, **QUIET)
     assert read_tiny_metadata(outdir / MODEL_NAME)["prediction"] == "v"
     cfg = tiny_trained_config(outdir / MODEL_NAME)
-    with pytest.raises(ConfigError, match=r"predicts 'v'.*scheduler.prediction = 'v'"):
-        build_pipeline(cfg)
-    pipe = build_pipeline(cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, prediction="v")),
-                          num_sampling_steps=2)
-    assert pipe.sampler.prediction == "v"
+    assert cfg.scheduler.prediction is None  # the preset leaves it to the file
+    assert build_pipeline(cfg, num_sampling_steps=2).sampler.prediction == "v"
+    assert build_pipeline(tiny_trained_config(trained / MODEL_NAME), num_sampling_steps=2).sampler.prediction == "eps"
+    asserted = cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, prediction="v"))
+    assert build_pipeline(asserted, num_sampling_steps=2).sampler.prediction == "v"
+    with pytest.raises(ConfigError, match=r"predicts 'v'.*scheduler.prediction = 'v' or leave it out"):
+        build_pipeline(cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, prediction="eps")))
     with pytest.raises(ValueError, match=r"settings differ.*prediction: saved 'v', now 'eps'"):
         train(TrainConfig(steps=3, **MICRO), outdir, resume=True, **QUIET)  # resuming must keep the prediction
