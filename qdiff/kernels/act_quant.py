@@ -196,10 +196,15 @@ def quantize_per_token_triton(
     frame_factor: torch.Tensor | None = None,
     producer: LayerNormModulate | GeluTanh | None = None,
     config: tuple[int, int, int] | None = None,
+    fast: bool = False,
 ) -> ActCodes:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
 
     config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter always needs one).
+    fast: the GPU's approximate float32 division (x·(1/Δ) per row, GELU and smoothing with `/`) instead of IEEE
+    division: fewer instructions per element, but a code may differ from the reference's by one step where x/Δ
+    lies within an ulp of a rounding tie (the compiled torch path has the same property, see
+    `quantize_per_token_torch`). Under the interpreter both are exact.
     """
     import triton
 
@@ -252,7 +257,7 @@ def quantize_per_token_triton(
             float(q_min), float(q_max), float(offset), MIN_DELTA, eps)
     flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=kernel_rank,
                  FRAMES=frames is not None and kernel_rank > 0,
-                 PRODUCER=NONE if producer is None else producer.kind)
+                 PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast))
     kernels = _triton_module()
     if config is None and not interpret_mode():
         kernels.act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)

@@ -36,11 +36,19 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _gelu_tanh(v):
+def _div(a, b, FAST: tl.constexpr):
+    """a / b in float32: IEEE round-to-nearest (as torch divides), or FAST: the GPU's approximate division (≤ 2 ulp)."""
+    if FAST:
+        return a / b
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _gelu_tanh(v, FAST: tl.constexpr):
     """0.5·v·(1 + tanh(u)) = v / (1 + exp(−2u)), u = √(2/π)·(v + 0.044715·v³), in float32 (accurate for
     v < 0 too, where 1 + tanh(u) would cancel)."""
     u = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)
-    return tl.math.div_rn(v, 1.0 + tl.exp(-2.0 * u))
+    return _div(v, 1.0 + tl.exp(-2.0 * u), FAST)
 
 
 @triton.jit
@@ -51,7 +59,7 @@ def _load(x_ptr, rows, cols, valid, stride_xm):
 
 @triton.jit
 def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
-             SMOOTH: tl.constexpr, PRODUCER: tl.constexpr):
+             SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, FAST: tl.constexpr):
     """The quantizer's input for a chunk x (x's dtype) as float32, 0 outside `valid`. Each eager op's result is
     rounded to x's dtype, as the eager model rounds it: producer (LayerNorm + modulate, or GELU), then x / s."""
     if PRODUCER == LAYERNORM_MODULATE:
@@ -61,10 +69,10 @@ def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod
         y = (y.to(tl.float32) * one_plus.to(tl.float32)).to(x.dtype)
         x = (y.to(tl.float32) + tl.load(shift_ptr + mod, mask=valid, other=0.0).to(tl.float32)).to(x.dtype)
     if PRODUCER == GELU_TANH:
-        x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)
+        x = _gelu_tanh(x.to(tl.float32), FAST).to(x.dtype)
     if SMOOTH:  # x / s in x's dtype, as the eager balancing does
         s = tl.load(s_ptr + cols, mask=cols < K, other=1.0)
-        x = tl.math.div_rn(x.to(tl.float32), s[None, :].to(tl.float32)).to(x.dtype)
+        x = _div(x.to(tl.float32), s[None, :].to(tl.float32), FAST).to(x.dtype)
     return tl.where(valid, x.to(tl.float32), 0.0)
 
 
@@ -82,10 +90,13 @@ def _row_grid(lo, hi, q_max, min_delta, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr, stride_cm, post_a_ptr,
-                    code_acc, proj_acc, R_OUT: tl.constexpr):
+                    code_acc, proj_acc, R_OUT: tl.constexpr, FAST: tl.constexpr):
     """Store the codes of one [ROWS, BLOCK_K] chunk v (float32); add them, and (R_OUT = 1) x̂·a_out, element-wise to
     the [ROWS, BLOCK_K] accumulators (the caller reduces them along axis 1 once, after its loop)."""
-    q = _round_half_even(tl.math.div_rn(v, delta[:, None])) + zero[:, None]
+    if FAST:  # one reciprocal per row instead of a division per element; a code may move by one on a tie
+        q = _round_half_even(v * (1.0 / delta)[:, None]) + zero[:, None]
+    else:
+        q = _round_half_even(tl.math.div_rn(v, delta[:, None])) + zero[:, None]
     q = tl.minimum(tl.maximum(q, q_min), q_max)
     code = tl.where(valid, (q - offset).to(tl.int32), 0)
     tl.store(codes_ptr + rows[:, None] * stride_cm + cols[None, :], code.to(tl.int8), mask=valid)
@@ -104,6 +115,7 @@ def act_quant_kernel(
     min_delta, eps,
     SMOOTH: tl.constexpr, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, R_OUT: tl.constexpr,
     FRAMES: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else passes over K in chunks (the re-reads hit L2): the
     LayerNorm moments (producer 1: mean, then the squared deviations), the range (dynamic grids), then the codes.
@@ -125,7 +137,8 @@ def act_quant_kernel(
             mean = tl.math.div_rn(tl.sum(x32, axis=1), width)
             dev = tl.where(valid, x32 - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(dev * dev, axis=1), width) + eps)
-        v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH, PRODUCER)
+        v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
+                     PRODUCER, FAST)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero
@@ -133,7 +146,7 @@ def act_quant_kernel(
             delta, zero = _row_grid(tl.minimum(tl.min(v, axis=1), 0.0), tl.maximum(tl.max(v, axis=1), 0.0),
                                     q_max, min_delta, SYMMETRIC)
         code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, codes_ptr,
-                                             stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT)
+                                             stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
             total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
@@ -160,7 +173,7 @@ def act_quant_kernel(
                 valid = row_ok[:, None] & (cols < K)[None, :]
                 x = _load(x_ptr, rows, cols, valid, stride_xm)
                 v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
-                             SMOOTH, PRODUCER)
+                             SMOOTH, PRODUCER, FAST)
                 lo = tl.minimum(lo, v)
                 hi = tl.maximum(hi, v)
             delta, zero = _row_grid(tl.min(lo, axis=1), tl.max(hi, axis=1), q_max, min_delta, SYMMETRIC)
@@ -169,9 +182,9 @@ def act_quant_kernel(
             valid = row_ok[:, None] & (cols < K)[None, :]
             x = _load(x_ptr, rows, cols, valid, stride_xm)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
-                         SMOOTH, PRODUCER)
+                         SMOOTH, PRODUCER, FAST)
             code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset,
-                                                 codes_ptr, stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT)
+                                                 codes_ptr, stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT, FAST)
     tl.store(scale_ptr + rows, delta, mask=row_ok)
     tl.store(zero_ptr + rows, (zero - offset).to(tl.int32), mask=row_ok)
     tl.store(rowsum_ptr + rows, tl.sum(code_acc, axis=1), mask=row_ok)
@@ -195,7 +208,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
-act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER"],
+act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER", "FAST"],
                                   prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"ONE_CHUNK": one_chunk})(act_quant_kernel))
 

@@ -205,7 +205,7 @@ class TrainState:
     log: list = field(default_factory=list)  # one dict per logging interval
     train_seconds: float = 0.0  # wall time spent in training steps, over all runs
     steps_before: int = 0  # steps that trained the `init_from` weights
-    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (not counted in `step`)
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient (counted in `step`)
 
 
 def load_init_weights(cfg: TrainConfig, module: TinyT2V) -> int:
@@ -232,9 +232,9 @@ def new_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     steps_before = load_init_weights(cfg, module) if cfg.init_from else 0
     module = module.to(device)
     ema = copy.deepcopy(module).requires_grad_(False).eval()
-    fused = device.type == "cuda"
+    # fused: one kernel per step, and it honours `found_inf` (train_step skips bad updates without a host sync)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay, fused=fused or None)
+                                  weight_decay=cfg.weight_decay, fused=True)
     data_generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1)  # timesteps, noise, caption dropout
     return TrainState(cfg, module, ema, optimizer, data_generator, steps_before=steps_before)
@@ -303,10 +303,19 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, module: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·module, parameter by parameter (buffers are fixed tables, left alone)."""
+def update_ema(ema: nn.Module, module: nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
+    """ema ← decay·ema + (1 − decay)·module, parameter by parameter (buffers are fixed tables, left alone).
+
+    keep: optional 0-dim float tensor on the parameters' device, 1 to update and 0 to leave the EMA as it is;
+    a tensor rather than a bool so that the caller need not wait for the device to decide."""
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in module.parameters()], 1.0 - decay)
+    params = [p.detach() for p in module.parameters()]
+    if keep is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        return
+    steps = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(steps, keep * (1.0 - decay))
+    torch._foreach_add_(ema_params, steps)
 
 
 def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
@@ -340,8 +349,13 @@ def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torc
 
 def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, token_mask: torch.Tensor,
                autocast: bool) -> dict[str, torch.Tensor] | None:
-    """One optimisation step on a fresh batch; returns detached per-batch means of loss, mse, vb, grad_norm (0-dim
-    tensors), or None when the loss or gradient was not finite and the update was skipped."""
+    """One optimisation step on a fresh batch. Returns 0-dim device tensors: the batch means of loss, mse, vb, the
+    grad_norm, and `skipped` (1.0 when the loss or the gradient was not finite, and then the weights, AdamW's
+    moments and the EMA were left as they were; the other terms are 0 then).
+
+    The step never waits for the device: the skip is decided on the device (fused AdamW's `found_inf`, a 0/1 weight
+    on the EMA update), so the host can queue the next step while this one runs. `state.step` counts every call;
+    the caller counts the skips when it reads the terms (`train` does at each log line)."""
     cfg, module = state.cfg, state.module
     device = token_ids.device
     videos, caption_ids = shapes.sample_batch(cfg.batch_size, state.data_generator, cfg.split, cfg.spec(), device)
@@ -358,19 +372,17 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-    # A non-finite loss or gradient would turn every weight into NaN: skip that update (one sync per step).
-    if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
-        state.optimizer.zero_grad(set_to_none=True)
-        state.skipped_steps += 1
-        if state.skipped_steps > MAX_SKIPPED_STEPS:
-            raise FloatingPointError(f"step {state.step}: more than {MAX_SKIPPED_STEPS} steps with a non-finite loss "
-                                     "or gradient; lower --lr, or resume from the last checkpoint")
-        return None
+    # A non-finite loss or gradient would turn every weight into NaN: skip that update, decided on the device.
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+    state.optimizer.found_inf = (~finite).float()
     state.optimizer.step()
-    update_ema(state.ema, module, min(cfg.ema_decay, (1 + state.step) / (10 + state.step)))
+    update_ema(state.ema, module, min(cfg.ema_decay, (1 + state.step) / (10 + state.step)), keep=finite.float())
     state.step += 1
-    return {"loss": loss.detach(), "mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach(),
-            "grad_norm": grad_norm.detach()}
+    zero = torch.zeros((), device=device)
+    return {"loss": torch.where(finite, loss.detach(), zero),
+            "mse": torch.where(finite, terms["mse"].mean().detach(), zero),
+            "vb": torch.where(finite, terms["vb"].mean().detach(), zero),
+            "grad_norm": torch.where(finite, grad_norm.detach(), zero), "skipped": (~finite).float()}
 
 
 # ---- outputs ----------------------------------------------------------------------------------------
@@ -535,13 +547,20 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
             print_fn(f"time budget of {cfg.max_minutes} min spent at step {state.step}")
             break
         terms = train_step(state, diffusion, token_ids, token_mask, autocast)
-        if terms is None:
-            print_fn(f"step {state.step}: non-finite loss or gradient, update skipped ({state.skipped_steps} so far)")
-            continue
         sums = terms if sums is None else {k: sums[k] + v for k, v in terms.items()}
         interval_steps += 1
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            means = {k: v.item() / interval_steps for k, v in sums.items()}  # syncs the device
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps or state.step % cfg.ckpt_every == 0:
+            skipped = round(sums.pop("skipped").item())  # syncs the device
+            if skipped:
+                state.skipped_steps += skipped
+                print_fn(f"steps {state.step - interval_steps + 1}-{state.step}: {skipped} update(s) skipped for a "
+                         f"non-finite loss or gradient ({state.skipped_steps} in this run's history)")
+                if state.skipped_steps > MAX_SKIPPED_STEPS:
+                    raise FloatingPointError(
+                        f"step {state.step}: more than {MAX_SKIPPED_STEPS} steps with a non-finite loss or gradient; "
+                        "lower --lr, or resume from the last checkpoint")
+            good_steps = max(interval_steps - skipped, 1)
+            means = {k: v.item() / good_steps for k, v in sums.items()}
             seconds = time.time() - interval_start
             state.train_seconds += seconds
             entry = {"step": state.step, **{k: round(v, 6) for k, v in means.items()}, "lr": lr_at(cfg, state.step - 1),

@@ -204,10 +204,38 @@ def test_a_non_finite_gradient_skips_the_update():
     with torch.no_grad():
         state.module.dit.final_layer.linear.bias[0] = float("nan")
     before = {k: v.clone() for k, v in tiny_state_dict(state.module).items()}
-    assert train_step(state, diffusion, token_ids, token_mask, autocast=False) is None
-    after = tiny_state_dict(state.module)
-    assert all(torch.equal(before[k], after[k]) for k in before if k != "dit.final_layer.linear.bias")
-    assert state.step == 0 and state.skipped_steps == 1 and not state.optimizer.state
+    ema_before = {k: v.clone() for k, v in tiny_state_dict(state.ema).items()}
+    terms = train_step(state, diffusion, token_ids, token_mask, autocast=False)
+    assert terms["skipped"].item() == 1.0 and terms["loss"].item() == 0.0  # decided on the device, no sync
+    after, ema_after = tiny_state_dict(state.module), tiny_state_dict(state.ema)
+    kept = [k for k in before if k != "dit.final_layer.linear.bias"]
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert all(torch.equal(ema_before[k], ema_after[k]) for k in kept)
+    # AdamW's moments and its step count stay at zero: the update never happened
+    for param_state in state.optimizer.state.values():
+        assert param_state["step"].item() == 0
+        assert not param_state["exp_avg"].any() and not param_state["exp_avg_sq"].any()
+    assert state.step == 1  # counts the attempt; train() adds the skip to state.skipped_steps when it logs
+
+
+def test_train_counts_skipped_updates_and_stops_after_too_many(tmp_path, monkeypatch):
+    import t2v.pipeline.train_tiny as train_tiny
+    cfg = TrainConfig(**{**MICRO, "steps": 4, "log_every": 2, "ckpt_every": 4, "eval_prompts": 0})
+    real_step = train_tiny.train_step
+
+    def poisoned_step(state, *args, **kwargs):  # a NaN weight makes every loss non-finite
+        with torch.no_grad():
+            state.module.dit.final_layer.linear.bias[0] = float("nan")
+        return real_step(state, *args, **kwargs)
+
+    monkeypatch.setattr(train_tiny, "train_step", poisoned_step)
+    lines = []
+    state = train(cfg, tmp_path / "a", print_fn=lines.append)
+    assert state.step == 4 and state.skipped_steps == 4
+    assert sum("2 update(s) skipped" in line for line in lines) == 2
+    monkeypatch.setattr(train_tiny, "MAX_SKIPPED_STEPS", 1)
+    with pytest.raises(FloatingPointError, match="step 2: more than 1 steps with a non-finite"):
+        train(cfg, tmp_path / "b", print_fn=lines.append)
 
 
 def test_high_t_fraction_draws_that_share_of_the_batch_from_the_high_range():
