@@ -535,6 +535,7 @@ def main(argv=None) -> int:
             variants.append((f"{name} (fused producers)", True, False, None))
         if args.compile:
             variants.append((f"{name} compiled", False, True, "torch"))
+            variants.append((f"{name} compiled, fused Triton act quant", False, True, "fused"))
             if args.extra:
                 variants.append((f"{name} compiled (act-quant kernel)", False, True, "kernel"))
         eager_half = None

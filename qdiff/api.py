@@ -288,7 +288,9 @@ def prepare_compile(model: nn.Module, int_act_quant: str = "torch") -> None:
     QuantLinear: weight quantizers' and static activation quantizers' "initialised / observed" host mirrors are read
     once now. IntLinear: w_colsum and the static range are derived (`IntLinear.prepare`), and `int_act_quant`
     selects its compiled activation quantization ("torch": plain ops the compiler fuses; "kernel": the Triton
-    kernel as an opaque custom op, for dynamic ranges; static ranges always use the plain ops). Also raises dynamo's
+    kernel as an opaque custom op, for dynamic ranges; "fused": that kernel with the producer LayerNorm + modulate
+    or GELU computed inside it and approximate division, the fastest measured (docs/benchmarks.md); static ranges
+    always use the plain ops). Also raises dynamo's
     recompile limits: blocks of one class share a code object, and mixed-precision layers add guarded variants.
     """
     from qdiff.lowbit.int_linear import COMPILE_ACT_QUANT, IntLinear

@@ -322,20 +322,25 @@ def triton_available(device: torch.device | str = "cuda") -> bool:
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, smooth_scale=None, static=None,
-                       post_a=None, frame_factor=None, producer=None, backend: str = "auto") -> ActCodes:
-    """Dispatch: the Triton kernel on CUDA (backend 'auto' or 'triton'), the reference otherwise."""
+                       post_a=None, frame_factor=None, producer=None, backend: str = "auto",
+                       fast: bool = False) -> ActCodes:
+    """Dispatch: the Triton kernel on CUDA (backend 'auto' or 'triton'), the reference otherwise.
+
+    fast: the Triton kernel's approximate division (see `quantize_per_token_triton`); the reference is exact."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
         return _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
-                                            backend)
+                                            backend, fast)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
-    fn = quantize_per_token_triton if use_triton else quantize_per_token_reference
-    return fn(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer)
+    if use_triton:
+        return quantize_per_token_triton(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
+                                         fast=fast)
+    return quantize_per_token_reference(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer)
 
 
 def _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
-                                 backend) -> ActCodes:
+                                 backend, fast) -> ActCodes:
     """`quantize_per_token` as the custom op `torch.ops.qdiff.quantize_per_token` (what torch.compile records)."""
     shift = mscale = None
     rows_per_sample, eps, kind = 1, 0.0, NONE
@@ -346,5 +351,5 @@ def _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_
     static_delta, static_zero = (float(static[0]), float(static[1])) if static is not None else (_ops.NO_STATIC, 0.0)
     codes, scale, zero, rowsum, proj = _ops.quantize_per_token_op(
         x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor, kind, shift, mscale,
-        rows_per_sample, float(eps), backend)
+        rows_per_sample, float(eps), backend, fast)
     return ActCodes(codes, scale, zero, rowsum, proj if post_a is not None and post_a.shape[0] else None)

@@ -11,7 +11,7 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
     torch.ops.qdiff.int_gemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, proj, post_b,
                              out_dtype, k, backend) -> y [M, N]
     torch.ops.qdiff.quantize_per_token(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a,
-                                       frame_factor, producer, shift, mscale, rows_per_sample, eps, backend)
+                                       frame_factor, producer, shift, mscale, rows_per_sample, eps, backend, fast)
         -> (codes [M, K] int8, scale [M] f32, zero [M] i32, rowsum [M] i32, proj [M, r] f32; r = 0 without post_a)
     torch.ops.qdiff.project_codes(codes, scale, zero, post_a, frame_factor, backend) -> proj [M, r] f32
     torch.ops.qdiff.fake_quant_per_token(x, bits) -> x̂ like x
@@ -58,7 +58,7 @@ def quantize_per_token_op(x: Tensor, bits: int, symmetric: bool, smooth_scale: O
                           static_delta: float, static_zero: float, post_a: Optional[Tensor],
                           frame_factor: Optional[Tensor], producer: int, shift: Optional[Tensor],
                           mscale: Optional[Tensor], rows_per_sample: int, eps: float,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          backend: str, fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`qdiff.kernels.act_quant.quantize_per_token`; static range given as (Δ, z), NaN for dynamic; producer 0 (none),
     1 (LayerNorm + modulate with shift, mscale [B, K], rows_per_sample, eps) or 2 (GELU-tanh)."""
     from qdiff.kernels.act_quant import quantize_per_token
@@ -71,14 +71,14 @@ def quantize_per_token_op(x: Tensor, bits: int, symmetric: bool, smooth_scale: O
     elif producer == GELU_TANH:
         made = GeluTanh()
     act = quantize_per_token(x, bits, symmetric, smooth_scale=smooth_scale, static=static, post_a=post_a,
-                             frame_factor=frame_factor, producer=made, backend=backend)
+                             frame_factor=frame_factor, producer=made, backend=backend, fast=fast)
     proj = act.proj if act.proj is not None else torch.empty(x.shape[0], 0, dtype=torch.float32, device=x.device)
     return act.codes, act.scale, act.zero, act.rowsum, proj
 
 
 @quantize_per_token_op.register_fake
 def _quantize_per_token_fake(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor,
-                             producer, shift, mscale, rows_per_sample, eps, backend):
+                             producer, shift, mscale, rows_per_sample, eps, backend, fast):
     rows, cols = x.shape
     rank = 0 if post_a is None else post_a.shape[0]
     return (x.new_empty((rows, cols), dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),

@@ -24,13 +24,14 @@ from qdiff.lowbit.int_linear import IntLinear, QuantizedInput
 def fusable(*layers: nn.Module) -> bool:
     """True when every layer is an IntLinear that can take a QuantizedInput from a fused producer.
 
-    Always False under torch.compile: there the compiler fuses the producer and the (plain-torch) quantization
-    itself, so the block runs its eager ops and each IntLinear quantizes its own input.
+    Eager: when the layers opted in (`set_fusion`). Under torch.compile: when their compile_act_quant is "fused"
+    and their range is dynamic (`qdiff.api.compile_model(int_act_quant="fused")`); otherwise the compiler fuses
+    the producer and the plain-torch quantization itself, and each IntLinear quantizes its own input.
     """
-    if torch.compiler.is_compiling():
-        return False
-    return all(isinstance(layer, IntLinear) and layer.fuse_input and layer.rotation is None
-               and layer.frame_scale is None for layer in layers) and len({layer.backend for layer in layers}) == 1
+    compiling = torch.compiler.is_compiling()
+    return all(isinstance(layer, IntLinear) and layer.rotation is None and layer.frame_scale is None
+               and ((layer.compile_act_quant == "fused" and layer.act_static is None) if compiling
+                    else layer.fuse_input) for layer in layers) and len({layer.backend for layer in layers}) == 1
 
 
 def set_fusion(model: nn.Module, enabled: bool = True) -> None:
@@ -44,16 +45,18 @@ def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh, layers
     """producer.apply(x) quantized per token for each of `layers` (fusable IntLinear): x [..., K]."""
     x2 = x.reshape(-1, x.shape[-1])
     groups: dict[tuple, list[IntLinear]] = {}
-    for layer in layers:
+    for index, layer in enumerate(layers):
         layer._prepare()
-        groups.setdefault(layer.input_signature(), []).append(layer)
+        # compiled: one launch per layer (the signature holds ids, which the compiler does not trace)
+        key = (index,) if torch.compiler.is_compiling() else layer.input_signature()
+        groups.setdefault(key, []).append(layer)
     acts = {}
     for members in groups.values():
         lead = members[0]
         posts = [layer.post_a for layer in members if layer.post_a is not None]
         act = quantize_per_token(x2, lead.a_bits, lead.a_symmetric, smooth_scale=lead.smooth_scale,
                                  static=lead._static_values, post_a=torch.cat(posts) if posts else None,
-                                 producer=producer, backend=lead.backend)
+                                 producer=producer, backend=lead.backend, fast=lead.fast_act_quant())
         start = 0
         for layer in members:
             proj = None

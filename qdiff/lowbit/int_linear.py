@@ -14,12 +14,15 @@ Under torch.compile (`qdiff.api.compile_model`; call `prepare()` first, which it
 op `torch.ops.qdiff.int_gemm` and the activation quantization is plain torch ops (`quantize_per_token_torch`, the
 reference's math), which inductor fuses into the op producing x (LayerNorm + modulate, GELU, a layout copy);
 `compile_act_quant = "kernel"` keeps the Triton quantization kernel instead (as the op
-`torch.ops.qdiff.quantize_per_token`). The shared-input memo (weak references, version counters) is not used there:
+`torch.ops.qdiff.quantize_per_token`), and `"fused"` also fuses the producers LayerNorm + modulate and GELU into
+that op (`qdiff.lowbit.fused`) and divides approximately (the fastest kernels on an H100, docs/benchmarks.md;
+a code may move by one step on a rounding tie). The shared-input memo (weak references, version counters) is not used there:
 q, k and v each quantize their shared input, and the compiler fuses the three into the kernel that reads it.
 Eager forwards are unchanged.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import NamedTuple
 
@@ -34,7 +37,7 @@ from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, qu
 
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
 BACKENDS = ("auto", "torch", "triton")
-COMPILE_ACT_QUANT = ("torch", "kernel")
+COMPILE_ACT_QUANT = ("torch", "kernel", "fused")
 
 
 class IntExportError(ValueError):
@@ -53,8 +56,16 @@ class QuantizedInput(NamedTuple):
     acts: dict
 
     def reshape(self, *shape: int) -> "QuantizedInput":
-        """The same rows under another leading shape (as Tensor.reshape of a contiguous activation)."""
-        return self._replace(shape=torch.empty(self.shape, device="meta").reshape(*shape).shape)
+        """The same rows under another leading shape (as Tensor.reshape of a contiguous activation; one -1 allowed).
+        Plain integer arithmetic, so torch.compile traces it without tensors."""
+        numel = math.prod(self.shape)
+        known = math.prod([size for size in shape if size != -1])
+        if shape.count(-1) > 1 or (shape.count(-1) and (known == 0 or numel % known)):
+            raise ValueError(f"cannot reshape {tuple(self.shape)} to {shape}")
+        new = torch.Size([numel // known if size == -1 else size for size in shape])
+        if math.prod(new) != numel:
+            raise ValueError(f"cannot reshape {tuple(self.shape)} to {shape}")
+        return self._replace(shape=new)
 
 
 class SharedInputQuant:
@@ -153,7 +164,8 @@ class IntLinear(nn.Module):
         # H100 it did not pay and its bf16 LayerNorm rounds differently from torch's (docs/int_kernels.md)
         self.fuse_input = False
         # under torch.compile: "torch" = plain-torch quantization fused by the compiler, "kernel" = the Triton kernel
-        # (dynamic ranges only; static ranges always take the torch ops)
+        # (dynamic ranges only; static ranges always take the torch ops), "fused" = the kernel with its producer
+        # (LayerNorm + modulate, GELU) fused in and approximate division
         self.compile_act_quant = "torch"
 
     # ------------------------------------------------------------------------------ construction
@@ -255,6 +267,10 @@ class IntLinear(nn.Module):
         if self.act_static is not None and self._static_values is None:
             self._static_values = (float(self.act_static[0]), float(self.act_static[1]))
 
+    def fast_act_quant(self) -> bool:
+        """Approximate division in the activation-quantization kernel: only compiled, with compile_act_quant "fused"."""
+        return torch.compiler.is_compiling() and self.compile_act_quant == "fused"
+
     def input_signature(self) -> tuple:
         """What this layer's activation codes depend on besides x: layers with equal signatures share codes."""
         smooth = None if self.smooth_scale is None else id(self.smooth_scale)
@@ -280,7 +296,8 @@ class IntLinear(nn.Module):
             memo = None
         if memo is None:  # quantization and the TQE projection in one pass
             act = quantize_per_token(x2, self.a_bits, self.a_symmetric, smooth_scale=smooth, static=self._static_values,
-                                     post_a=self.post_a, frame_factor=frame_factor, backend=self.backend)
+                                     post_a=self.post_a, frame_factor=frame_factor, backend=self.backend,
+                                     fast=self.fast_act_quant())
             return act, act.proj
         # codes shared with sibling layers reading the same x; the projection is this layer's own
         act = memo.lookup(x, self.input_signature())

@@ -30,6 +30,11 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each STDiT block (t2v.models.stdit.compile_blocks): fuses the elementwise "
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
+    p.add_argument("--int_act_quant", choices=("torch", "kernel", "fused"), default="torch",
+                   help="with --compile and --hardware: how the integer layers quantize their inputs. torch: plain "
+                        "ops the compiler fuses into their producers (default); kernel: our Triton kernel; fused: "
+                        "our Triton kernel with LayerNorm + modulate and GELU inside it and approximate division "
+                        "(fastest in isolation, docs/benchmarks.md; a code may move by one step on a tie)")
 
 
 def compile_if_requested(model, args) -> None:
@@ -37,7 +42,7 @@ def compile_if_requested(model, args) -> None:
     if getattr(args, "compile", False):
         from t2v.models.stdit import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, int_act_quant=getattr(args, "int_act_quant", "torch"))
 
 
 @dataclass

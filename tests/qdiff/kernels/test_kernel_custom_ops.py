@@ -44,7 +44,7 @@ def op_cases(backend="torch"):
         "int_gemm": gemm_args(backend),
         "quantize_per_token": (x, 6, False, torch.rand(16, generator=gen) + 0.5, ops.NO_STATIC, 0.0,
                                torch.randn(2, 16, generator=gen), torch.rand(5, generator=gen), ln.kind, ln.shift,
-                               ln.scale, ln.rows_per_sample, ln.eps, backend),
+                               ln.scale, ln.rows_per_sample, ln.eps, backend, False),
         "project_codes": (act.codes, act.scale, act.zero, torch.randn(1, 16, generator=gen),
                           torch.rand(5, generator=gen), backend),
         "fake_quant_per_token": (x.bfloat16(), 8),

@@ -77,6 +77,19 @@ def test_int_model_compiles_and_matches_eager(yaml, overrides, act_quant):
     assert layer.compile_act_quant == act_quant and layer.w_colsum is not None  # prepared before tracing
 
 
+def test_int_model_compiles_with_fused_producers():
+    """int_act_quant="fused": LayerNorm + modulate and GELU move into the quantization op, no graph breaks, and on the
+    CPU (the op's reference runs the model's own eager ops) the output is the eager model's."""
+    model = model_for("configs/quant/w8a8_qvdit.yaml")
+    convert_to_int(model, backend="torch")
+    eager, compiled, graphs = compiled_vs_eager(model, int_act_quant="fused")
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "layer_norm" in t or "gelu" in t], "a producer was left outside the op"
+    assert sum("qdiff.quantize_per_token" in t for t in targets) >= 7  # spatial q/k/v ... fc1, fc2
+    assert relative(compiled, eager) < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("QVDIT_TEST_INDUCTOR"),
                     reason="inductor compiles C++ kernels for ~1 min on a cold 2-core CPU; set QVDIT_TEST_INDUCTOR=1")
@@ -131,7 +144,7 @@ def int_linear(static=False, smooth=False, rotation=False, frames=None, rank_out
 
 @pytest.mark.parametrize("kwargs", [dict(static=True), dict(static=True, a_symmetric=True), dict(smooth=True, w_bits=4),
                                     dict(rotation=True, rank_out=2, frames=3), dict(smooth=True, rank_out=1, frames=3)])
-@pytest.mark.parametrize("act_quant", ["torch", "kernel"])
+@pytest.mark.parametrize("act_quant", ["torch", "kernel", "fused"])
 def test_int_linear_compiled_equals_eager(kwargs, act_quant):
     layer = int_linear(**kwargs)
     layer.compile_act_quant = act_quant
