@@ -3,12 +3,14 @@
 
     python bench/bench_train_step.py [--steps 150] [--batch_size 256] [--out logs/bench/train_step.json]
 
-Variants (same model, data and flags; each after its own warm-up, which compiles):
-- `sync-free`: the trainer as it runs (the skip of a non-finite update is decided on the device);
-- `host sync per step`: the same plus one `.item()` per step, which is what the trainer did before session 8
-  (`if not bool(isfinite(grad_norm) & isfinite(loss))`): the host then waits for every step to finish.
-It also reports the host (CPU) time per step, measured with the device left to run ahead, and the GPU busy time per
-step from torch.profiler, so "CPU-bound" is a number, not a guess.
+Variants (same model, data and flags; each with its own compile and warm-up):
+- `blocks, packed text`: each STDiT block compiled, the text packed (what trained the model up to session 8: one
+  host sync per forward for the text lengths, and block inputs whose shapes change with every batch);
+- `blocks, packed text, host sync per step`: the same plus the trainer's old per-step `.item()` skip check;
+- `blocks, padded text`: `--compile true` since session 8 (fixed shapes, no host sync);
+- `loss, padded text`: `--compile_scope loss`, the text encoder, DiT and loss as one compiled graph.
+Each reports steps/s and the host milliseconds to queue one step (the device left to run ahead), and the GPU
+busy time per step from torch.profiler, so "host-bound" is a number, not a guess.
 """
 from __future__ import annotations
 
@@ -24,28 +26,33 @@ sys.path.insert(0, str(REPO))
 from bench.common import environment, print_and_save  # noqa: E402
 
 
-def make_state(batch_size: int, compile_blocks: bool):
-    from t2v.pipeline.train_tiny import TrainConfig, caption_token_table, new_state
+def make_state(batch_size: int, scope: str, padded_text: bool):
+    from t2v.pipeline.train_tiny import TrainConfig, batch_loss, caption_token_table, new_state
     from t2v.schedulers.iddpm import IDDPM
 
+    torch._dynamo.reset()
     cfg = TrainConfig(device="cuda", batch_size=batch_size, patch_size=(2, 4, 4), loss_weighting="min_snr", lr=5e-4,
-                      warmup_steps=100, prediction="v", temporal_pos="input", compile=compile_blocks, eval_prompts=0)
+                      warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0)
     state = new_state(cfg, torch.device("cuda"))
-    if compile_blocks:
+    state.module.dit.static_block_inputs = padded_text
+    loss_fn = batch_loss
+    if scope == "loss":
+        loss_fn = torch.compile(batch_loss)
+    elif scope == "blocks":
         for block in state.module.dit.blocks:
             block.compile()
     token_ids, token_mask = caption_token_table(state.module, torch.device("cuda"))
-    return state, IDDPM(num_sampling_steps=1000, prediction=cfg.prediction), token_ids, token_mask
+    return state, IDDPM(num_sampling_steps=1000, prediction=cfg.prediction), token_ids, token_mask, loss_fn
 
 
-def steps_per_second(state, diffusion, ids, mask, steps: int, sync_each_step: bool) -> tuple[float, float]:
+def steps_per_second(state, diffusion, ids, mask, loss_fn, steps: int, sync_each_step: bool) -> tuple[float, float]:
     """(steps/s end to end, host ms per step: the time the Python loop takes to queue the steps)."""
     from t2v.pipeline.train_tiny import train_step
 
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        terms = train_step(state, diffusion, ids, mask, autocast=True)
+        terms = train_step(state, diffusion, ids, mask, autocast=True, loss_fn=loss_fn)
         if sync_each_step:
             terms["skipped"].item()
     queued = time.perf_counter() - start
@@ -54,7 +61,7 @@ def steps_per_second(state, diffusion, ids, mask, steps: int, sync_each_step: bo
     return steps / total, 1000 * queued / steps
 
 
-def gpu_busy_ms(state, diffusion, ids, mask, steps: int) -> float:
+def gpu_busy_ms(state, diffusion, ids, mask, loss_fn, steps: int) -> float:
     """Device time per step summed over kernels (torch.profiler), i.e. what the step costs the GPU alone."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,7 +69,7 @@ def gpu_busy_ms(state, diffusion, ids, mask, steps: int) -> float:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            train_step(state, diffusion, ids, mask, autocast=True)
+            train_step(state, diffusion, ids, mask, autocast=True, loss_fn=loss_fn)
         torch.cuda.synchronize()
     total_us = sum(e.self_device_time_total for e in prof.key_averages())
     return total_us / 1000 / steps
@@ -73,22 +80,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (the first ones compile)")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--no_compile", action="store_true", help="eager blocks (default: compiled, as trained)")
+    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-4) to run; default all")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_step.py times the GPU trainer: no CUDA device here")
     torch.backends.cuda.matmul.allow_tf32 = True
-    state, diffusion, ids, mask = make_state(args.batch_size, not args.no_compile)
-    compile_start = time.perf_counter()
-    steps_per_second(state, diffusion, ids, mask, args.warmup, sync_each_step=False)
-    results = {"environment": environment(), "batch_size": args.batch_size, "compiled": not args.no_compile,
-               "warmup_s": round(time.perf_counter() - compile_start, 1), "variants": {}}
-    for name, sync in (("sync-free", False), ("host sync per step", True), ("sync-free (again)", False)):
-        rate, host_ms = steps_per_second(state, diffusion, ids, mask, args.steps, sync)
-        results["variants"][name] = {"steps_per_s": round(rate, 2), "videos_per_s": round(rate * args.batch_size),
-                                     "host_ms_per_step": round(host_ms, 1)}
-    results["gpu_busy_ms_per_step"] = round(gpu_busy_ms(state, diffusion, ids, mask, 20), 1)
+    variants = [("blocks, packed text", "blocks", False, False),
+                ("blocks, packed text, host sync per step", "blocks", False, True),
+                ("blocks, padded text", "blocks", True, False),
+                ("loss, padded text", "loss", True, False)]
+    chosen = {int(n) for n in args.only.split(",") if n} or set(range(1, len(variants) + 1))
+    results = {"environment": environment(), "batch_size": args.batch_size, "variants": {}}
+    for number, (name, scope, padded, sync) in enumerate(variants, 1):
+        if number not in chosen:
+            continue
+        state, diffusion, ids, mask, loss_fn = make_state(args.batch_size, scope, padded)
+        start = time.perf_counter()
+        steps_per_second(state, diffusion, ids, mask, loss_fn, args.warmup, sync_each_step=False)
+        warmup_s = time.perf_counter() - start
+        rate, host_ms = steps_per_second(state, diffusion, ids, mask, loss_fn, args.steps, sync)
+        results["variants"][name] = {
+            "steps_per_s": round(rate, 2), "videos_per_s": round(rate * args.batch_size),
+            "host_ms_per_step": round(host_ms, 1), "warmup_s": round(warmup_s, 1),
+            "gpu_busy_ms_per_step": round(gpu_busy_ms(state, diffusion, ids, mask, loss_fn, 10), 1)}
+        print(name, results["variants"][name], flush=True)
+        del state
+        torch.cuda.empty_cache()
     print_and_save(results, args.out)
 
 

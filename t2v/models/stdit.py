@@ -407,7 +407,7 @@ class STDiT(nn.Module):
         # 3. captions: project, then pack the valid tokens of all samples into one sequence
         y = self.y_embedder(y, self.training)  # [B, 1, L, C]
         if self.static_block_inputs:  # fixed shapes for compiled blocks: [B, L, C] and a key mask [B, L] (or None)
-            y, y_lens = self._pad_text(y, mask)
+            y, y_lens = self._pad_text(y, mask, wait_for_check=not self.training)
         else:
             y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
 
@@ -442,10 +442,13 @@ class STDiT(nn.Module):
         return y[:, 0][mask][None], y_lens
 
     @staticmethod
-    def _pad_text(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pad_text(y: torch.Tensor, mask: torch.Tensor | None,
+                  wait_for_check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """y [B, 1, L, C], mask [B_m, L] or None -> y [B, L, C] and the key mask [B, L] bool (None: all valid).
 
         The padded counterpart of `_pack_text` (same checks): every valid token keeps its values.
+        wait_for_check=False checks the mask on the device instead of waiting for it (`torch._assert_async`: a
+        training step then never waits for the GPU here; a failure surfaces as a device-side assert).
         """
         batch, _, length, channels = y.shape
         if mask is None:
@@ -453,7 +456,9 @@ class STDiT(nn.Module):
         if mask.dim() != 2 or mask.shape[1] != length or batch % mask.shape[0]:
             raise ValueError(f"mask must be [B, {length}] with B dividing {batch}, got {list(mask.shape)}")
         mask = mask.repeat(batch // mask.shape[0], 1) != 0  # [B, L]
-        if not bool(mask.any(dim=1).all()):
+        if not wait_for_check:
+            torch._assert_async(mask.any(dim=1).all(), "every sample needs at least one valid text token")
+        elif not bool(mask.any(dim=1).all()):
             raise ValueError("every sample needs at least one valid text token (a mask row is all zero)")
         return y[:, 0], mask
 

@@ -48,6 +48,7 @@ SAMPLES_NAME = "eval_samples.png"
 STATE_KEY = "train_state"
 # TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 LOSS_WEIGHTINGS = ("none", "min_snr")
+COMPILE_SCOPES = ("blocks", "loss")  # what --compile compiles
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
@@ -109,7 +110,11 @@ class TrainConfig:
     # run
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile each STDiT block"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile (what: --compile_scope)"})
+    compile_scope: str = field(default="blocks", metadata={
+        "help": "with --compile: blocks (each STDiT block, as the shipped model was trained) or loss (the text "
+                "encoder, the DiT and the IDDPM loss as one compiled function: fewer host operations per step, "
+                "for a trainer that the host limits; docs/benchmarks.md)"})
     ckpt_every: int = field(default=500, metadata={"help": "save every N steps"})
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
     eval_prompts: int = field(default=18, metadata={"help": "held-out captions checked at the end; 0 = none"})
@@ -127,6 +132,8 @@ class TrainConfig:
         if any(n % int(p) for n, p in zip(sizes, self.patch_size)):
             raise ValueError(f"patch_size {self.patch_size} must divide (num_frames, image_size, image_size) = "
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.temporal_pos not in TEMPORAL_POS:
             raise ValueError(f"temporal_pos: expected one of {TEMPORAL_POS}, got {self.temporal_pos!r}")
         if self.prediction not in PREDICTIONS:
@@ -347,8 +354,19 @@ def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torc
     return weights
 
 
+def batch_loss(cfg: TrainConfig, module: TinyT2V, diffusion: IDDPM, videos: torch.Tensor, index: torch.Tensor,
+               ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(optimised loss, mean MSE, mean VLB term) of one batch, 0-dim each: the part of a step that
+    `--compile_scope loss` compiles. videos [B, 3, T, H, W], index int64 [B], ids / mask [B, L]."""
+    y = module.encode_text(ids, mask)  # [B, 1, L, C_cap]
+    terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask},
+                                      clamp_variance=cfg.clamp_variance)
+    loss = (mse_weights(cfg, diffusion, index) * terms["mse"] + terms["vb"]).mean()
+    return loss, terms["mse"].mean(), terms["vb"].mean()
+
+
 def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, token_mask: torch.Tensor,
-               autocast: bool) -> dict[str, torch.Tensor] | None:
+               autocast: bool, loss_fn=batch_loss) -> dict[str, torch.Tensor]:
     """One optimisation step on a fresh batch. Returns 0-dim device tensors: the batch means of loss, mse, vb, the
     grad_norm, and `skipped` (1.0 when the loss or the gradient was not finite, and then the weights, AdamW's
     moments and the EMA were left as they were; the other terms are 0 then).
@@ -365,10 +383,7 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
         group["lr"] = lr_at(cfg, state.step)
     module.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        y = module.encode_text(ids, mask)  # [B, 1, L, C_cap]
-        terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask},
-                                          clamp_variance=cfg.clamp_variance)
-    loss = (mse_weights(cfg, diffusion, index) * terms["mse"] + terms["vb"]).mean()
+        loss, mse, vb = loss_fn(cfg, module, diffusion, videos, index, ids, mask)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -380,8 +395,7 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     state.step += 1
     zero = torch.zeros((), device=device)
     return {"loss": torch.where(finite, loss.detach(), zero),
-            "mse": torch.where(finite, terms["mse"].mean().detach(), zero),
-            "vb": torch.where(finite, terms["vb"].mean().detach(), zero),
+            "mse": torch.where(finite, mse.detach(), zero), "vb": torch.where(finite, vb.detach(), zero),
             "grad_norm": torch.where(finite, grad_norm.detach(), zero), "skipped": (~finite).float()}
 
 
@@ -532,7 +546,14 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
     autocast = cfg.amp and device.type == "cuda"
     diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction)  # the full process: index = timestep
     token_ids, token_mask = caption_token_table(state.module, device)
+    loss_fn = batch_loss
     if cfg.compile:
+        # fixed shapes (padded text with a key mask instead of packed): no host sync for the text lengths and no
+        # recompile per batch; the same function as the packed path
+        state.module.dit.static_block_inputs = True
+    if cfg.compile and cfg.compile_scope == "loss":
+        loss_fn = torch.compile(batch_loss)
+    elif cfg.compile:
         for block in state.module.dit.blocks:
             block.compile()
     params = sum(p.numel() for p in state.module.parameters())
@@ -546,7 +567,7 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
         if cfg.max_minutes and time.time() - run_start > cfg.max_minutes * 60:
             print_fn(f"time budget of {cfg.max_minutes} min spent at step {state.step}")
             break
-        terms = train_step(state, diffusion, token_ids, token_mask, autocast)
+        terms = train_step(state, diffusion, token_ids, token_mask, autocast, loss_fn)
         sums = terms if sums is None else {k: sums[k] + v for k, v in terms.items()}
         interval_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.steps or state.step % cfg.ckpt_every == 0:

@@ -294,3 +294,41 @@ def test_the_pipeline_takes_the_prediction_from_the_model_file(trained, tmp_path
         build_pipeline(cfg.replace(scheduler=dataclasses.replace(cfg.scheduler, prediction="eps")))
     with pytest.raises(ValueError, match=r"settings differ.*prediction: saved 'v', now 'eps'"):
         train(TrainConfig(steps=3, **MICRO), outdir, resume=True, **QUIET)  # resuming must keep the prediction
+
+
+@pytest.mark.parametrize("scope", ["blocks", "loss"])
+def test_compiled_training_matches_eager(tmp_path, monkeypatch, scope):
+    """--compile with either scope trains the same function: padded text (fixed shapes, no host sync) instead of
+    packed, compiled blocks or one compiled loss graph. aot_eager runs the eager kernels, so only the attention's
+    summation order differs; inductor itself is what the GPU runs."""
+    real_compile = torch.compile
+    compiled_fns = []
+
+    def aot_eager_compile(fn, **kwargs):  # nn.Module.compile calls torch.compile too
+        compiled_fns.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    eager = train(TrainConfig(steps=2, **MICRO), tmp_path / "eager", **QUIET)
+    compiled = train(TrainConfig(steps=2, compile=True, compile_scope=scope, **MICRO), tmp_path / scope, **QUIET)
+    torch._dynamo.reset()
+    assert compiled.module.dit.static_block_inputs and not eager.module.dit.static_block_inputs
+    assert len(compiled_fns) == (MICRO["depth"] if scope == "blocks" else 1)
+    for a, b in zip(eager.log, compiled.log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["mse"] == pytest.approx(b["mse"], rel=1e-4)
+    with pytest.raises(ValueError, match="compile_scope"):
+        TrainConfig(compile_scope="model")
+
+
+def test_a_training_forward_checks_the_text_mask_without_waiting():
+    state = new_state(TrainConfig(**MICRO), torch.device("cpu"))
+    dit = state.module.dit.train()
+    dit.static_block_inputs = True
+    y = torch.randn(2, 1, dit.y_embedder.y_embedding.shape[0], 16)
+    mask = torch.ones(2, y.shape[2], dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(RuntimeError, match="valid text token"):  # torch._assert_async: raises at once on the CPU
+        dit._pad_text(y, mask, wait_for_check=False)
+    with pytest.raises(ValueError, match="valid text token"):
+        dit._pad_text(y, mask)
