@@ -68,6 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_act_quant.py times GPU kernels: no CUDA device here")
+    import triton
+
     from qdiff.kernels.act_quant import quantize_per_token_torch, quantize_per_token_triton
     from qdiff.kernels.triton_act_quant import AUTOTUNE_CONFIGS
 
@@ -91,7 +93,7 @@ def main() -> None:
             if args.configs:
                 per_config = {}
                 for config in AUTOTUNE_CONFIGS:
-                    if config[1] > max(triton_next_pow2(width), 128):
+                    if config[1] > max(triton.next_power_of_2(width), 128):
                         continue
                     try:
                         per_config[str(config)] = round(device_ms(lambda: quantize_per_token_triton(
@@ -105,10 +107,6 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     print_and_save({"environment": environment(), "rows": rows}, args.out)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":
