@@ -8,7 +8,9 @@ Variants (same model, data and flags; each with its own compile and warm-up):
   host sync per forward for the text lengths, and block inputs whose shapes change with every batch);
 - `blocks, packed text, host sync per step`: the same plus the trainer's old per-step `.item()` skip check;
 - `blocks, padded text`: `--compile true` since session 8 (fixed shapes, no host sync);
-- `loss, padded text`: `--compile_scope loss`, the text encoder, DiT and loss as one compiled graph.
+- `loss, padded text`: `--compile_scope loss`, the text encoder, DiT and loss as one compiled graph;
+- `loss, padded text, CUDA graphs`: the same with `--compile_mode reduce-overhead` (forward and backward replayed
+  as CUDA graphs).
 Each reports steps/s and the host milliseconds to queue one step (the device left to run ahead), and the GPU
 busy time per step from torch.profiler, so "host-bound" is a number, not a guess.
 """
@@ -26,21 +28,22 @@ sys.path.insert(0, str(REPO))
 from bench.common import environment, print_and_save  # noqa: E402
 
 
-def make_state(batch_size: int, scope: str, padded_text: bool):
+def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "default"):
     from t2v.pipeline.train_tiny import TrainConfig, batch_loss, caption_token_table, new_state
     from t2v.schedulers.iddpm import IDDPM
 
     torch._dynamo.reset()
     cfg = TrainConfig(device="cuda", batch_size=batch_size, patch_size=(2, 4, 4), loss_weighting="min_snr", lr=5e-4,
-                      warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0)
+                      warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0,
+                      compile=scope != "none", compile_scope=scope if scope != "none" else "blocks", compile_mode=mode)
     state = new_state(cfg, torch.device("cuda"))
     state.module.dit.static_block_inputs = padded_text
     loss_fn = batch_loss
     if scope == "loss":
-        loss_fn = torch.compile(batch_loss)
+        loss_fn = torch.compile(batch_loss, mode=mode)
     elif scope == "blocks":
         for block in state.module.dit.blocks:
-            block.compile()
+            block.compile(mode=mode)
     token_ids, token_mask = caption_token_table(state.module, torch.device("cuda"))
     return state, IDDPM(num_sampling_steps=1000, prediction=cfg.prediction), token_ids, token_mask, loss_fn
 
@@ -80,22 +83,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (the first ones compile)")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-4) to run; default all")
+    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-5) to run; default all")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_step.py times the GPU trainer: no CUDA device here")
     torch.backends.cuda.matmul.allow_tf32 = True
-    variants = [("blocks, packed text", "blocks", False, False),
-                ("blocks, packed text, host sync per step", "blocks", False, True),
-                ("blocks, padded text", "blocks", True, False),
-                ("loss, padded text", "loss", True, False)]
+    variants = [("blocks, packed text", "blocks", False, False, "default"),
+                ("blocks, packed text, host sync per step", "blocks", False, True, "default"),
+                ("blocks, padded text", "blocks", True, False, "default"),
+                ("loss, padded text", "loss", True, False, "default"),
+                ("loss, padded text, CUDA graphs", "loss", True, False, "reduce-overhead")]
     chosen = {int(n) for n in args.only.split(",") if n} or set(range(1, len(variants) + 1))
     results = {"environment": environment(), "batch_size": args.batch_size, "variants": {}}
-    for number, (name, scope, padded, sync) in enumerate(variants, 1):
+    for number, (name, scope, padded, sync, mode) in enumerate(variants, 1):
         if number not in chosen:
             continue
-        state, diffusion, ids, mask, loss_fn = make_state(args.batch_size, scope, padded)
+        state, diffusion, ids, mask, loss_fn = make_state(args.batch_size, scope, padded, mode)
         start = time.perf_counter()
         steps_per_second(state, diffusion, ids, mask, loss_fn, args.warmup, sync_each_step=False)
         warmup_s = time.perf_counter() - start

@@ -49,6 +49,7 @@ STATE_KEY = "train_state"
 # TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 LOSS_WEIGHTINGS = ("none", "min_snr")
 COMPILE_SCOPES = ("blocks", "loss")  # what --compile compiles
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes; reduce-overhead = CUDA graphs
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
@@ -115,6 +116,9 @@ class TrainConfig:
         "help": "with --compile: blocks (each STDiT block, as the shipped model was trained) or loss (the text "
                 "encoder, the DiT and the IDDPM loss as one compiled function: fewer host operations per step, "
                 "for a trainer that the host limits; docs/benchmarks.md)"})
+    compile_mode: str = field(default="default", metadata={
+        "help": "with --compile: torch.compile mode; reduce-overhead replays the compiled forward and backward as "
+                "CUDA graphs (one launch each instead of one per kernel; CPU runs ignore it)"})
     ckpt_every: int = field(default=500, metadata={"help": "save every N steps"})
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
     eval_prompts: int = field(default=18, metadata={"help": "held-out captions checked at the end; 0 = none"})
@@ -134,6 +138,8 @@ class TrainConfig:
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.temporal_pos not in TEMPORAL_POS:
             raise ValueError(f"temporal_pos: expected one of {TEMPORAL_POS}, got {self.temporal_pos!r}")
         if self.prediction not in PREDICTIONS:
@@ -382,6 +388,8 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step)
     module.train()
+    if cfg.compile and cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed: reuse its memory
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         loss, mse, vb = loss_fn(cfg, module, diffusion, videos, index, ids, mask)
     state.optimizer.zero_grad(set_to_none=True)
@@ -552,10 +560,10 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
         # recompile per batch; the same function as the packed path
         state.module.dit.static_block_inputs = True
     if cfg.compile and cfg.compile_scope == "loss":
-        loss_fn = torch.compile(batch_loss)
+        loss_fn = torch.compile(batch_loss, mode=cfg.compile_mode)
     elif cfg.compile:
         for block in state.module.dit.blocks:
-            block.compile()
+            block.compile(mode=cfg.compile_mode)
     params = sum(p.numel() for p in state.module.parameters())
     dit = state.module.dit
     print_fn(f"tiny t2v: {params / 1e6:.2f}M parameters, {dit.num_temporal}x{dit.num_spatial} tokens"

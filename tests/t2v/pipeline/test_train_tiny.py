@@ -302,23 +302,29 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, scope):
     packed, compiled blocks or one compiled loss graph. aot_eager runs the eager kernels, so only the attention's
     summation order differs; inductor itself is what the GPU runs."""
     real_compile = torch.compile
-    compiled_fns = []
+    compiled_fns, compile_kwargs = [], []
 
     def aot_eager_compile(fn, **kwargs):  # nn.Module.compile calls torch.compile too
         compiled_fns.append(fn)
+        compile_kwargs.append(kwargs)
         return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(torch, "compile", aot_eager_compile)
     torch._dynamo.reset()
     eager = train(TrainConfig(steps=2, **MICRO), tmp_path / "eager", **QUIET)
-    compiled = train(TrainConfig(steps=2, compile=True, compile_scope=scope, **MICRO), tmp_path / scope, **QUIET)
+    mode = "reduce-overhead" if scope == "loss" else "default"  # CUDA graphs: a no-op on the CPU, but the same call
+    compiled = train(TrainConfig(steps=2, compile=True, compile_scope=scope, compile_mode=mode, **MICRO),
+                     tmp_path / scope, **QUIET)
     torch._dynamo.reset()
     assert compiled.module.dit.static_block_inputs and not eager.module.dit.static_block_inputs
     assert len(compiled_fns) == (MICRO["depth"] if scope == "blocks" else 1)
+    assert all(kwargs["mode"] == mode for kwargs in compile_kwargs)
     for a, b in zip(eager.log, compiled.log):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["mse"] == pytest.approx(b["mse"], rel=1e-4)
     with pytest.raises(ValueError, match="compile_scope"):
         TrainConfig(compile_scope="model")
+    with pytest.raises(ValueError, match="compile_mode"):
+        TrainConfig(compile_mode="max-speed")
 
 
 def test_a_training_forward_checks_the_text_mask_without_waiting():
