@@ -378,8 +378,9 @@ def _layer_table(model: nn.Module) -> dict[str, dict]:
     return table
 
 
-def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every QuantLinear tensor except its base weight/bias (which the model checkpoint holds)."""
+def quant_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every QuantLinear tensor except its base weight/bias (which the model checkpoint holds), on the CPU; keys as
+    in `model.state_dict()`, so `model.load_state_dict(state, strict=False)` puts them back."""
     state = {}
     for name, layer in quant_layers(model):
         for key, value in layer.state_dict().items():
@@ -398,7 +399,7 @@ def save_quant_params(model: nn.Module, qconfig: QuantConfig, path, overwrite: b
         "layers": json.dumps(_layer_table(model), sort_keys=True),
         "bit_ranges": json.dumps(qconfig.range_maps(), sort_keys=True),
     }
-    return save_safetensors_atomic(_quant_state(model), path, metadata=meta, overwrite=overwrite)
+    return save_safetensors_atomic(quant_state_dict(model), path, metadata=meta, overwrite=overwrite)
 
 
 def read_quant_params_header(path) -> dict:

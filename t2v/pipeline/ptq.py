@@ -76,6 +76,7 @@ from qdiff.api import (
     init_weight_quantizers,
     quant_layers,
     quant_state,
+    quant_state_dict,
     quantize_model,
     save_quant_params,
     set_quant_state,
@@ -226,6 +227,7 @@ def calibrate(
     # 4. distillation
     if qconfig.distill.enabled:
         cfg = qconfig.distill
+        initial = {k: v.clone() for k, v in quant_state_dict(model).items()} if cfg.keep_best else None
         targets = None
         if precompute:
             targets = fp_targets(calib, lambda rows: teacher_fn(_to_device(rows, device)), model_key,
@@ -247,6 +249,17 @@ def calibrate(
         report.update(history=result["history"], resumed_from=result["resumed_from"],
                       checkpointed_blocks=result["checkpointed_blocks"])
     report["final"] = _relative_error(model, student, eval_target, eval_batch)
+    if qconfig.distill.enabled and qconfig.distill.keep_best:
+        report["kept"] = "distilled"
+        if report["final"]["relative_error"] > report["ptq_init"]["relative_error"]:
+            # a run too short or at too high a learning rate can end worse than it started (e.g. W8A8, whose PTQ
+            # error is already small): return the better model, say so, and keep the distilled error in the report
+            model.load_state_dict(initial, strict=False)
+            report.update(kept="ptq_init", distilled=report["final"], final=report["ptq_init"])
+            if rank == 0:
+                log.warning("distillation ended at relative error %.4g, above the PTQ initialisation's %.4g: keeping "
+                            "the PTQ initialisation (distill.keep_best=false keeps the last iterate)",
+                            report["distilled"]["relative_error"], report["ptq_init"]["relative_error"])
     report.update(distill=qconfig.distill.to_dict(), world_size=world_size, wall_time_s=time.time() - started)
 
     path = outdir / QUANT_PARAMS_NAME

@@ -83,6 +83,7 @@ def test_distillation_lowers_loss_and_output_error(tiny, w4a6_runs):
     assert len(losses) == 30
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert report["final"]["relative_error"] < 0.9 * report["ptq_init"]["relative_error"]
+    assert report["kept"] == "distilled"
 
     # independently: reload both results into fresh models, W4A6 (weights AND activations quantized)
     distilled = load_calibrated(tiny, qconfig, root / "distilled")
@@ -95,6 +96,27 @@ def test_distillation_lowers_loss_and_output_error(tiny, w4a6_runs):
     ptq_report = json.loads((root / "ptq" / "distill_history.json").read_text())
     assert "history" not in ptq_report
     assert ptq_report["final"] == ptq_report["ptq_init"] == report["ptq_init"]
+
+
+def test_keep_best_returns_the_ptq_initialisation_when_distillation_ends_worse(tiny, calib_dir, w4a6_runs, tmp_path):
+    _, _, _, root, _, _ = w4a6_runs
+    ruinous = w4a6("distill.iterations=4", "distill.lr=3.0")  # a learning rate that makes the model worse
+    calib = open_calib_data(calib_dir, ruinous)
+    calibrate(fp_model(tiny), ruinous, calib, tmp_path / "best", progress=False)
+    report = json.loads((tmp_path / "best" / "distill_history.json").read_text())
+    assert report["distilled"]["relative_error"] > 1.5 * report["ptq_init"]["relative_error"]
+    assert report["kept"] == "ptq_init" and report["final"] == report["ptq_init"]
+    # the saved params are the PTQ initialisation: the same outputs as the PTQ-only run of this config
+    batch = calib.get(torch.tensor([0, 7, 19]))
+    kept = load_calibrated(tiny, ruinous, tmp_path / "best")
+    ptq = load_calibrated(tiny, apply_overrides(ruinous, ["distill.enabled=false"]), root / "ptq")
+    assert torch.equal(outputs(kept, batch), outputs(ptq, batch))
+
+    last = apply_overrides(ruinous, ["distill.keep_best=false"])  # the reference's behaviour: the last iterate
+    calibrate(fp_model(tiny), last, calib, tmp_path / "last", progress=False)
+    report_last = json.loads((tmp_path / "last" / "distill_history.json").read_text())
+    assert "kept" not in report_last
+    assert report_last["final"]["relative_error"] == pytest.approx(report["distilled"]["relative_error"], rel=1e-5)
 
 
 def test_outputs_written_and_reload_identically(tiny, w4a6_runs):
