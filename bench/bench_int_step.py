@@ -374,6 +374,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--no_gemm_table", action="store_true", help="skip the per-GEMM table")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="also time every compiled variant replayed as one CUDA graph per step (qdiff.cuda_graphs), "
+                        "as the row '<variant>, CUDA graph'")
     args = p.parse_args(argv)
     only = {name.strip() for name in args.only.split(",") if name.strip()}
     if only - set(GROUPS):
@@ -471,6 +474,24 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001
                 run_errors.append(f"{label} profile: {exc!r}"[:600])
 
+    def record_graphed(label: str, model, reference: torch.Tensor, numerics: dict) -> None:
+        """With --cuda_graph: the compiled `model` once more, its step captured as a CUDA graph and replayed."""
+        if not args.cuda_graph:
+            return
+        from qdiff.cuda_graphs import CUDAGraphForward
+
+        graphed_label, graphed = f"{label}, CUDA graph", CUDAGraphForward(model)
+        try:
+            timing = time_step(graphed, x16, t, y16, mask, args.iters, args.warmup)
+            record(graphed_label, model, timing, True)
+            with torch.no_grad():
+                numerics[f"{graphed_label} vs {label} (bf16)"] = relative_l2(timing["step"](), reference)
+            del timing
+        except Exception as exc:  # noqa: BLE001
+            fail(graphed_label, exc)
+        graphed.reset()
+        release()
+
     try:
         model = copy.deepcopy(base).cuda().to(torch.bfloat16)
         timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
@@ -490,6 +511,8 @@ def main(argv=None) -> int:
                         key = "compiled_vs_eager_bf16" if attention == "math" else f"{label} vs eager (bf16)"
                         results["numerics"].setdefault("bf16", {})[key] = relative_l2(timing["step"](), eager_out)
                     print(f"{label}: rel L2 vs eager {results['numerics']['bf16'][key]:.2e}", flush=True)
+                    with torch.no_grad():
+                        record_graphed(label, model, timing["step"](), results["numerics"]["bf16"])
                     del timing
                 except Exception as exc:  # noqa: BLE001
                     fail(label, exc)
@@ -557,6 +580,8 @@ def main(argv=None) -> int:
                 if compiled and act_quant == "torch":
                     numerics["compiled_vs_fake_fp32"] = relative_l2(half_out, fake)
                 record(label, qmodel, timing, True)
+                if compiled:
+                    record_graphed(label, qmodel, half_out, numerics)
                 del timing, half_out
             except Exception as exc:  # noqa: BLE001
                 fail(label, exc)

@@ -407,7 +407,9 @@ class STDiT(nn.Module):
         # 3. captions: project, then pack the valid tokens of all samples into one sequence
         y = self.y_embedder(y, self.training)  # [B, 1, L, C]
         if self.static_block_inputs:  # fixed shapes for compiled blocks: [B, L, C] and a key mask [B, L] (or None)
-            y, y_lens = self._pad_text(y, mask, wait_for_check=not self.training)
+            # a training step or a CUDA-graph capture (qdiff.cuda_graphs) must not wait for the device
+            capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+            y, y_lens = self._pad_text(y, mask, wait_for_check=not (self.training or capturing))
         else:
             y, y_lens = self._pack_text(y, mask)  # [1, ΣL_b, C], [B]
 

@@ -112,13 +112,14 @@ class TrainConfig:
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile (what: --compile_scope)"})
-    compile_scope: str = field(default="blocks", metadata={
-        "help": "with --compile: blocks (each STDiT block, as the shipped model was trained) or loss (the text "
-                "encoder, the DiT and the IDDPM loss as one compiled function: fewer host operations per step, "
-                "for a trainer that the host limits; docs/benchmarks.md)"})
+    compile_scope: str = field(default="loss", metadata={
+        "help": "with --compile: loss (the text encoder, the DiT and the IDDPM loss as one compiled function: 13.8 "
+                "steps/s on an H100, host 72 ms and GPU 60 ms per step) or blocks (each STDiT block, as the shipped "
+                "model was trained: host-bound, 7.8 steps/s in session 8; docs/benchmarks.md)"})
     compile_mode: str = field(default="default", metadata={
         "help": "with --compile: torch.compile mode; reduce-overhead replays the compiled forward and backward as "
-                "CUDA graphs (one launch each instead of one per kernel; CPU runs ignore it)"})
+                "CUDA graphs (one launch each instead of one per kernel; CPU runs ignore it). Experimental: not "
+                "timed on a GPU yet"})
     ckpt_every: int = field(default=500, metadata={"help": "save every N steps"})
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
     eval_prompts: int = field(default=18, metadata={"help": "held-out captions checked at the end; 0 = none"})
