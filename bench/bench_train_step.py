@@ -35,7 +35,7 @@ def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "defa
     torch._dynamo.reset()
     cfg = TrainConfig(device="cuda", batch_size=batch_size, patch_size=(2, 4, 4), loss_weighting="min_snr", lr=5e-4,
                       warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0,
-                      compile=scope != "none", compile_scope=scope if scope != "none" else "blocks", compile_mode=mode)
+                      compile=True, compile_scope=scope, compile_mode=mode)
     state = new_state(cfg, torch.device("cuda"))
     state.module.dit.static_block_inputs = padded_text
     loss_fn = batch_loss

@@ -106,14 +106,19 @@ def _unspec(spec, values):
         return spec[1]
     if kind is dict:
         return {key: _unspec(item, values) for key, item in spec[1]}
-    return kind(_unspec(item, values) for item in spec[1])
+    return _sequence(kind, [_unspec(item, values) for item in spec[1]])
+
+
+def _sequence(kind, items: list):
+    """A list, tuple or namedtuple of `kind` holding `items`."""
+    return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
 
 def _map(node, fn):
     if isinstance(node, torch.Tensor):
         return fn(node)
     if isinstance(node, (list, tuple)):
-        return type(node)(_map(item, fn) for item in node)
+        return _sequence(type(node), [_map(item, fn) for item in node])
     if isinstance(node, dict):
         return {key: _map(value, fn) for key, value in node.items()}
     return node

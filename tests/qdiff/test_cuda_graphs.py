@@ -1,5 +1,7 @@
 """qdiff.cuda_graphs: the wrapper is the module itself on the CPU and under autograd; on CUDA it replays a captured
 graph that computes what the module computes, per input signature."""
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -19,14 +21,16 @@ class Toy(nn.Module):
 
 def test_spec_round_trip_and_hashable():
     x, t = torch.randn(2, 8), torch.arange(2.0)
-    tree = ((x, t, None), {"scale": 0.5, "mask": [t, 3]})
+    pair = collections.namedtuple("Pair", "a b")
+    tree = ((x, t, None), {"scale": 0.5, "mask": [t, 3], "pair": pair(t, 1)})
     tensors, spec = _flatten(tree)
-    assert [id(a) for a in tensors] == [id(x), id(t), id(t)]
+    assert [id(a) for a in tensors] == [id(x), id(t), id(t), id(t)]
     hash(spec)
     rebuilt = _unspec(spec, iter(tensors))
     assert rebuilt[0][0] is x and rebuilt[1]["scale"] == 0.5 and rebuilt[1]["mask"][1] == 3
-    other_shape = _flatten(((torch.randn(3, 8), t, None), {"scale": 0.5, "mask": [t, 3]}))[1]
-    other_value = _flatten(((x, t, None), {"scale": 0.25, "mask": [t, 3]}))[1]
+    assert isinstance(rebuilt[1]["pair"], pair) and rebuilt[1]["pair"].a is t
+    other_shape = _flatten(((torch.randn(3, 8), t, None), {"scale": 0.5, "mask": [t, 3], "pair": pair(t, 1)}))[1]
+    other_value = _flatten(((x, t, None), {"scale": 0.25, "mask": [t, 3], "pair": pair(t, 1)}))[1]
     assert spec != other_shape and spec != other_value and spec == _flatten(tree)[1]
 
 
