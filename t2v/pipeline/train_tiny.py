@@ -48,6 +48,7 @@ SAMPLES_NAME = "eval_samples.png"
 STATE_KEY = "train_state"
 # TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 LOSS_WEIGHTINGS = ("none", "min_snr")
+LR_SCHEDULES = ("constant", "cosine")
 COMPILE_SCOPES = ("blocks", "loss")  # what --compile compiles
 COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes; reduce-overhead = CUDA graphs
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
@@ -84,6 +85,10 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "videos per step"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
     warmup_steps: int = field(default=250, metadata={"help": "linear lr warmup steps"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "after the warmup: constant (as OpenSora) or cosine (down to lr * lr_final_ratio at --steps; a "
+                "time-boxed run should set --steps to what fits its minutes)"})
+    lr_final_ratio: float = field(default=0.1, metadata={"help": "cosine: the last step's lr as a share of lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (OpenSora: 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (OpenSora: 1.0)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (warmed up as min(d, (1+s)/(10+s)))"})
@@ -139,6 +144,10 @@ class TrainConfig:
                              f"({self.num_frames}, {self.image_size}, {self.image_size})")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_final_ratio <= 1.0:
+            raise ValueError(f"lr_final_ratio: expected a share in [0, 1], got {self.lr_final_ratio!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.temporal_pos not in TEMPORAL_POS:
@@ -312,8 +321,13 @@ def load_train_state(cfg: TrainConfig, path: Path, device: torch.device) -> Trai
 # ---- one step ---------------------------------------------------------------------------------------
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup over `warmup_steps`, then constant (OpenSora trains at a constant lr)."""
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    """Linear warmup over `warmup_steps`, then constant (OpenSora trains at a constant lr) or a cosine from lr down
+    to lr·lr_final_ratio at step `steps`."""
+    warm = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return warm
+    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
+    return cfg.lr * (cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from t2v.models.tiny_t2v import TinyT2V, read_tiny_metadata, tiny_state_dict
 from t2v.pipeline.build import build_model
 from t2v.pipeline.config import ConfigError, load_inference_config
 from t2v.pipeline.sample import build_pipeline, generate_videos
-from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
+from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table, lr_at,
                                      mse_weights, new_state, sample_timesteps, train, train_step)
 from t2v.pipeline.video_io import read_video
 from t2v.schedulers.iddpm import IDDPM
@@ -338,3 +338,17 @@ def test_a_training_forward_checks_the_text_mask_without_waiting():
         dit._pad_text(y, mask, wait_for_check=False)
     with pytest.raises(ValueError, match="valid text token"):
         dit._pad_text(y, mask)
+
+
+def test_lr_schedules():
+    constant = TrainConfig(lr=1e-3, warmup_steps=10, steps=110)
+    assert lr_at(constant, 0) == pytest.approx(1e-4) and lr_at(constant, 9) == lr_at(constant, 100) == 1e-3
+    cosine = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine", lr_final_ratio=0.1)
+    assert lr_at(cosine, 0) == lr_at(constant, 0) and lr_at(cosine, 10) == pytest.approx(1e-3)
+    assert lr_at(cosine, 60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: the mean of peak and floor
+    assert lr_at(cosine, 110) == lr_at(cosine, 500) == pytest.approx(1e-4)
+    rates = [lr_at(cosine, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    for bad in (dict(lr_schedule="linear"), dict(lr_final_ratio=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
