@@ -31,6 +31,7 @@ class Pipeline:
     dtype: torch.dtype
     text_encoder: object | None = None   # None when embeddings are precomputed
     text_embeds: dict | None = None
+    runner: Callable | None = None  # what the sampler calls instead of `model` (a CUDA-graph replay); None = model
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -89,7 +90,7 @@ def sample_latents(pipe: Pipeline, prompts: list[str], prompt_indices: list[int]
     text = encode_text(pipe, prompts)
     z = initial_noise(pipe, seed, prompt_indices)
     gen = torch.Generator(device="cpu").manual_seed(seed + 10_000 + prompt_indices[0])
-    return pipe.sampler.sample(pipe.model, z, text["y"], mask=text["mask"], y_null=text["y_null"],
+    return pipe.sampler.sample(pipe.runner or pipe.model, z, text["y"], mask=text["mask"], y_null=text["y_null"],
                                generator=gen, progress=progress, on_step=on_step)
 
 

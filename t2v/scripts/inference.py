@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 
-from t2v.scripts._common import add_common_args, add_compile_arg, compile_if_requested, fail, resolve_run, setup_logging
+from t2v.scripts._common import (add_common_args, add_compile_arg, compile_if_requested, cuda_graph_if_requested,
+                                 fail, resolve_run, setup_logging)
 
 
 def parse_args(argv=None):
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
         pipe = build_pipeline(run.cfg, ckpt_path=args.ckpt_path, precomputed_text_embeds=args.precompute_text_embeds,
                               device=run.device, num_sampling_steps=args.num_sampling_steps)
         compile_if_requested(pipe.model, args)
+        cuda_graph_if_requested(pipe, args)
         paths = generate_videos(pipe, run.prompts, run.outdir, seed=run.cfg.seed, prompt_indices=run.indices,
                                 progress=run.is_main, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:

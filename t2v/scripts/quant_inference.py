@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from t2v.scripts._common import add_common_args, add_compile_arg, compile_if_requested, fail, resolve_run, setup_logging
+from t2v.scripts._common import (add_common_args, add_compile_arg, compile_if_requested, cuda_graph_if_requested,
+                                 fail, resolve_run, setup_logging)
 
 QUANT_CONFIG_NAME = "quant_config.yaml"
 QUANT_PARAMS_NAME = "quant_params.safetensors"
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
         else:
             build_quant_model(pipe.model, qconfig, args.quant_params, fold=args.fold)
         compile_if_requested(pipe.model, args)
+        cuda_graph_if_requested(pipe, args)
         on_step = quant_step_hook(pipe.model, pipe.sampler.num_sampling_steps)
         paths = generate_videos(pipe, run.prompts, run.outdir, seed=run.cfg.seed, prompt_indices=run.indices,
                                 progress=run.is_main, overwrite=args.overwrite, on_step=on_step)

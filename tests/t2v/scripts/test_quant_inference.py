@@ -111,3 +111,25 @@ def test_step_hook_selects_timestep_ranges():
         hook(step, None, None, None, None)
         seen.append({layer.range_index for _, layer in quant_layers(model)})
     assert seen == [{0}, {0}, {1}, {1}]
+
+
+def test_cuda_graph_flag_errors(calib_dir, tmp_path, capsys):
+    """--cuda_graph needs --compile and a GPU, and refuses models whose quantization changes per timestep."""
+    import argparse
+
+    from t2v.scripts._common import cuda_graph_if_requested
+
+    code = quant_inference.main([CONFIG, "--calib_dir", str(calib_dir), "--outdir", str(tmp_path / "a"),
+                                 "--cuda_graph", *COMMON])
+    assert code == 2 and "--cuda_graph needs --compile" in capsys.readouterr().err
+    pipe = build_pipeline(load_inference_config(CONFIG))
+    args = argparse.Namespace(compile=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a CUDA device; this run is on cpu"):
+        cuda_graph_if_requested(pipe, args)
+    build_quant_model(pipe.model, w8a8(calib={"timestep_ranges": 2}))
+    pipe.device = torch.device("cuda")  # only the checks run: nothing touches the device before them
+    with pytest.raises(ValueError, match="change their quantization per timestep"):
+        cuda_graph_if_requested(pipe, args)
+    assert pipe.runner is None
+    cuda_graph_if_requested(pipe, argparse.Namespace(compile=True, cuda_graph=False))
+    assert pipe.runner is None
