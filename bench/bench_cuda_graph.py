@@ -13,36 +13,28 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import build_model, cuda_time, environment, inputs, print_and_save  # noqa: E402
+from bench.common import build_model, environment, inputs, print_and_save  # noqa: E402
 
 
 def time_pair(model, x, t, y, mask, iters: int) -> dict:
     """The compiled model and its CUDA-graph replay: ms per step, first-call and capture seconds, rel L2."""
-    from bench.bench_int_step import relative_l2
+    from bench.bench_int_step import relative_l2, time_step
     from qdiff.cuda_graphs import CUDAGraphForward
 
     graphed = CUDAGraphForward(model)
+    compiled = time_step(model, x, t, y, mask, iters, 3)  # first call: compilation
+    replayed = time_step(graphed, x, t, y, mask, iters, 3)  # first call: warm-up + capture
     with torch.no_grad():
-        start = time.time()
-        reference = model(x, t, y, mask=mask)
-        torch.cuda.synchronize()
-        first_call_s = time.time() - start
-        compiled_ms = cuda_time(lambda: model(x, t, y, mask=mask), iters, 3)
-        start = time.time()
-        replayed = graphed(x, t, y, mask=mask)
-        torch.cuda.synchronize()
-        capture_s = time.time() - start
-        graph_ms = cuda_time(lambda: graphed(x, t, y, mask=mask), iters, 3)
+        rel_l2 = relative_l2(replayed["step"](), compiled["step"]())
     graphed.reset()
-    return {"compiled_ms": compiled_ms, "cuda_graph_ms": graph_ms, "first_call_s": first_call_s,
-            "capture_s": capture_s, "rel_l2_graph_vs_compiled": relative_l2(replayed, reference)}
+    return {"compiled_ms": compiled["ms"], "cuda_graph_ms": replayed["ms"], "first_call_s": compiled["first_call_s"],
+            "capture_s": replayed["first_call_s"], "rel_l2_graph_vs_compiled": rel_l2}
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from bench.common import environment, print_and_save  # noqa: E402
 
 
 def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "default"):
-    from t2v.pipeline.train_tiny import TrainConfig, batch_loss, caption_token_table, new_state
+    from t2v.pipeline.train_tiny import TrainConfig, caption_token_table, compile_for_training, new_state
     from t2v.schedulers.iddpm import IDDPM
 
     torch._dynamo.reset()
@@ -37,13 +37,8 @@ def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "defa
                       warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0,
                       compile=True, compile_scope=scope, compile_mode=mode)
     state = new_state(cfg, torch.device("cuda"))
-    state.module.dit.static_block_inputs = padded_text
-    loss_fn = batch_loss
-    if scope == "loss":
-        loss_fn = torch.compile(batch_loss, mode=mode)
-    elif scope == "blocks":
-        for block in state.module.dit.blocks:
-            block.compile(mode=mode)
+    loss_fn = compile_for_training(cfg, state.module)  # what `train` runs
+    state.module.dit.static_block_inputs = padded_text  # the packed-text variants: as the trainer before session 8
     token_ids, token_mask = caption_token_table(state.module, torch.device("cuda"))
     return state, IDDPM(num_sampling_steps=1000, prediction=cfg.prediction), token_ids, token_mask, loss_fn
 

@@ -143,11 +143,17 @@ def set_timestep(model: nn.Module, step_index: int, num_steps: int) -> None:
             raise ValueError(f"set_timestep: sampling step {step_index} of {num_steps}, layer {name}: {error}") from None
 
 
+def per_step_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """(name, layer) of the layers whose quantization changes with the sampling step (several timestep ranges, or
+    per-timestep bits): what `set_timestep` switches."""
+    return [(name, layer) for name, layer in quant_layers(model) if layer.num_ranges > 1 or layer.step_bits]
+
+
 def step_key(model: nn.Module, step_index: int, num_steps: int) -> tuple:
     """Equal for two steps exactly when `set_timestep` selects the same range and bits in every layer."""
     plan_step = num_steps - 1 - step_index
     return tuple((step_index * layer.num_ranges // num_steps, layer.plan_segment(plan_step))
-                 for _, layer in quant_layers(model) if layer.num_ranges > 1 or layer.step_bits)
+                 for _, layer in per_step_layers(model))
 
 
 def forward_per_step(model: nn.Module, steps: Sequence[int], num_steps: int,

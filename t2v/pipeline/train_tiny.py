@@ -46,12 +46,12 @@ LOG_NAME = "train_log.json"
 CURVE_NAME = "loss_curve.png"
 SAMPLES_NAME = "eval_samples.png"
 STATE_KEY = "train_state"
-# TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 LOSS_WEIGHTINGS = ("none", "min_snr")
 LR_SCHEDULES = ("constant", "cosine")
 COMPILE_SCOPES = ("blocks", "loss")  # what --compile compiles
 COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes; reduce-overhead = CUDA graphs
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
+# TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
                        "text_heads", "text_d_ff", "model_max_length", "num_frames", "image_size", "split",
                        "class_dropout_prob", "temporal_pos", "prediction")
@@ -386,6 +386,18 @@ def batch_loss(cfg: TrainConfig, module: TinyT2V, diffusion: IDDPM, videos: torc
     return loss, terms["mse"].mean(), terms["vb"].mean()
 
 
+def compile_for_training(cfg: TrainConfig, module: TinyT2V):
+    """`--compile`: torch.compile what `cfg.compile_scope` names (in place for blocks); returns the loss function
+    for `train_step`. The DiT switches to fixed shapes (padded text with a key mask instead of packed): no host sync
+    for the text lengths and no recompile per batch; the same function as the packed path."""
+    module.dit.static_block_inputs = True
+    if cfg.compile_scope == "loss":
+        return torch.compile(batch_loss, mode=cfg.compile_mode)
+    for block in module.dit.blocks:
+        block.compile(mode=cfg.compile_mode)
+    return batch_loss
+
+
 def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, token_mask: torch.Tensor,
                autocast: bool, loss_fn=batch_loss) -> dict[str, torch.Tensor]:
     """One optimisation step on a fresh batch. Returns 0-dim device tensors: the batch means of loss, mse, vb, the
@@ -569,16 +581,7 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
     autocast = cfg.amp and device.type == "cuda"
     diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction)  # the full process: index = timestep
     token_ids, token_mask = caption_token_table(state.module, device)
-    loss_fn = batch_loss
-    if cfg.compile:
-        # fixed shapes (padded text with a key mask instead of packed): no host sync for the text lengths and no
-        # recompile per batch; the same function as the packed path
-        state.module.dit.static_block_inputs = True
-    if cfg.compile and cfg.compile_scope == "loss":
-        loss_fn = torch.compile(batch_loss, mode=cfg.compile_mode)
-    elif cfg.compile:
-        for block in state.module.dit.blocks:
-            block.compile(mode=cfg.compile_mode)
+    loss_fn = compile_for_training(cfg, state.module) if cfg.compile else batch_loss
     params = sum(p.numel() for p in state.module.parameters())
     dit = state.module.dit
     print_fn(f"tiny t2v: {params / 1e6:.2f}M parameters, {dit.num_temporal}x{dit.num_spatial} tokens"

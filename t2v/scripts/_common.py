@@ -58,13 +58,13 @@ def cuda_graph_if_requested(pipe, args) -> None:
                          "synchronisation, which a CUDA graph requires)")
     if pipe.device.type != "cuda":
         raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {pipe.device}")
-    from qdiff.api import quant_layers
+    from qdiff.api import per_step_layers
     from qdiff.cuda_graphs import CUDAGraphForward
 
-    per_step = [name for name, layer in quant_layers(pipe.model) if layer.num_ranges > 1 or layer.step_bits]
+    per_step = per_step_layers(pipe.model)
     if per_step:
         raise ValueError(f"--cuda_graph: {len(per_step)} layer(s) change their quantization per timestep (e.g. "
-                         f"{per_step[0]}: timestep ranges or per-timestep bits), which a captured graph would "
+                         f"{per_step[0][0]}: timestep ranges or per-timestep bits), which a captured graph would "
                          "freeze at one step: run without --cuda_graph")
     pipe.runner = CUDAGraphForward(pipe.model)
 
