@@ -165,8 +165,10 @@ def sample_videos(pipe, prompts: list[tuple[int, str]], seed: int, outdir: Path,
     CPU, videos uint8 [T, H, W, 3]) per prompt."""
     from qdiff.io import save_safetensors_atomic
     from t2v.pipeline.sample import decode, sample_latents, video_name
-    from t2v.pipeline.video_io import save_contact_sheet, save_video, to_uint8
+    from t2v.pipeline.video_io import require_video_writer, save_contact_sheet, save_video, to_uint8
 
+    if save_mp4:
+        require_video_writer()
     outdir.mkdir(parents=True, exist_ok=True)
     latents_out, videos_out = [], []
     step = pipe.cfg.batch_size

@@ -113,9 +113,10 @@ def generate_videos(pipe: Pipeline, prompts: list[str], outdir, seed: int | None
     Returns the video paths. Also stores the raw latents (`<name>.latent.safetensors`) so stages can be
     compared numerically without decoding twice.
     """
-    from t2v.pipeline.video_io import save_contact_sheet, save_video
+    from t2v.pipeline.video_io import require_video_writer, save_contact_sheet, save_video
     from qdiff.io import save_safetensors_atomic
 
+    require_video_writer()  # fail before sampling, not after it
     seed = pipe.cfg.seed if seed is None else seed
     batch_size = batch_size or pipe.cfg.batch_size
     prompt_indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)

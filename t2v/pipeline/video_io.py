@@ -42,6 +42,23 @@ def _pad_to_even(video: np.ndarray) -> np.ndarray:
     return np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
+def require_video_writer() -> None:
+    """Raise a RuntimeError saying what to install if `.mp4` files cannot be written here.
+
+    imageio's FFMPEG plugin needs the imageio-ffmpeg package (which ships an ffmpeg binary). Stages call this
+    before they sample, so a missing writer costs seconds, not the sampling run.
+    """
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError, OSError) as err:
+        raise RuntimeError(
+            f"cannot write .mp4 videos: imageio-ffmpeg (and its ffmpeg binary) is not usable here ({err}). "
+            "Install it with `pip install imageio-ffmpeg` (it is listed in requirements.txt)."
+        ) from None
+
+
 def save_video(frames: torch.Tensor, path, fps: int = 8, overwrite: bool = False) -> Path:
     """Write frames (see `to_uint8`) to an H.264 .mp4 at `fps`; odd heights/widths are padded by one pixel.
 

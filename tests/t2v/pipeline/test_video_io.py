@@ -59,3 +59,24 @@ def test_contact_sheet(tmp_path):
     assert torch.count_nonzero(pixels[48:, 32:]) == 0  # empty sixth cell
     with pytest.raises(FileExistsError):
         save_contact_sheet(video, path)
+
+
+def test_missing_mp4_writer_fails_before_sampling(monkeypatch, tmp_path):
+    """Without imageio-ffmpeg, stage 2/5 stop with an install hint before sampling anything."""
+    import sys
+
+    from t2v.pipeline import sample
+    from t2v.pipeline.video_io import require_video_writer
+
+    require_video_writer()  # present in CI: no error
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # makes `import imageio_ffmpeg` raise ImportError
+    with pytest.raises(RuntimeError, match="pip install imageio-ffmpeg"):
+        require_video_writer()
+
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("sampled although the video writer is missing")
+
+    monkeypatch.setattr(sample, "sample_latents", must_not_sample)
+    with pytest.raises(RuntimeError, match="imageio-ffmpeg"):
+        sample.generate_videos(pipe=None, prompts=["a red circle"], outdir=tmp_path / "videos")
+    assert not (tmp_path / "videos").exists()
