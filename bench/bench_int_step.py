@@ -13,6 +13,10 @@ Variants (rows of the step table; every one in its own try/except, an error is p
   anchor, anchor compiled           the bare bf16 block stack, ×28
  with --extra, ablations: bf16 compiled with SDPA temporal attention; integer models with the fused producers
  (`set_fusion`, eager) and compiled with the Triton act-quant kernel as an opaque op instead of inductor's fusion.
+ with --temporal_kernel, the temporal attention as the Triton kernel of `qdiff.kernels.short_attention`
+ (`set_temporal_attention` / compile_blocks(temporal_attention="short_triton")): "bf16, Triton temporal attention"
+ (eager) and, with --compile, "bf16 compiled, Triton temporal attention" and "w8a8_int compiled, fused Triton act
+ quant, Triton temporal attention" (each also as a CUDA graph with --cuda_graph).
 
 Reported (markdown + JSON in --out):
   step        ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight bytes; compile seconds
@@ -30,6 +34,7 @@ Reported (markdown + JSON in --out):
     python bench/bench_int_step.py --compile --only anchor,bf16 --out D           # a subset (the 10-min limit of a
     python bench/bench_int_step.py --compile --only w8a8 --merge --out D          #  device call): --merge adds rows
     python bench/bench_int_step.py --check --out logs/bench/int_check             # = bench/check_int_kernels.py
+    python bench/bench_int_step.py --compile --cuda_graph --temporal_kernel --only bf16 --out D   # + Triton temporal
 Needs a CUDA GPU and triton. The anchor defaults to .devcarry/anchor_block_stack.py (a copy of
 ../shared/bench/anchor_block_stack.py); only its definitions run (the part before its `res = {}` line). Every run
 times our bf16 eager step and the eager anchor (seconds), so ratios always compare rows measured in one process.
@@ -364,6 +369,9 @@ def main(argv=None) -> int:
                         "max-autotune-no-cudagraphs)")
     p.add_argument("--extra", action="store_true", help="ablations: fused producers (eager), SDPA temporal attention "
                                                         "and the Triton act-quant kernel (compiled)")
+    p.add_argument("--temporal_kernel", action="store_true",
+                   help="also time the temporal attention as the Triton short-attention kernel (bf16 eager; with "
+                        "--compile bf16 compiled and the W8A8 model compiled with the fused Triton act quant)")
     p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} "
                                                             "(our bf16 eager step and the eager anchor always run)")
     p.add_argument("--merge", action="store_true", help="add this run's rows to the int_step.json already in --out")
@@ -400,6 +408,7 @@ def main(argv=None) -> int:
     from qdiff.api import compile_model
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.lowbit import convert_to_int, set_fusion
+    from t2v.models.stdit import set_temporal_attention
 
     results: dict = {**environment(), "steps": {}, "breakdown": {}, "numerics": {}, "errors": []}
     previous = out_dir / "int_step.json"
@@ -500,8 +509,25 @@ def main(argv=None) -> int:
         with torch.no_grad():
             eager_out = timing["step"]()
         del timing
+        if args.temporal_kernel and "bf16" in only:
+            label = "bf16, Triton temporal attention"
+            try:
+                set_temporal_attention(model, "short_triton")
+                timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
+                record(label, model, timing, True)
+                with torch.no_grad():
+                    key = f"{label} vs eager (bf16)"
+                    results["numerics"].setdefault("bf16", {})[key] = relative_l2(timing["step"](), eager_out)
+                print(f"{label}: rel L2 vs eager {results['numerics']['bf16'][key]:.2e}", flush=True)
+                del timing
+            except Exception as exc:  # noqa: BLE001
+                fail(label, exc)
+            set_temporal_attention(model, "sdpa")
+            release()
         if args.compile and "bf16" in only:
             variants = [("bf16 compiled", "math")] + ([("bf16 compiled (SDPA temporal)", "sdpa")] if args.extra else [])
+            if args.temporal_kernel:
+                variants.append(("bf16 compiled, Triton temporal attention", "short_triton"))
             for label, attention in variants:
                 try:
                     compile_model(model, mode=args.compile_mode, temporal_attention=attention)
@@ -552,21 +578,25 @@ def main(argv=None) -> int:
             release()
             save()
             continue
-        # (label, fusion on, compiled, compiled act quant)
-        variants = [(name, False, False, None)]
+        # (label, fusion on, compiled, compiled act quant, compiled temporal attention)
+        variants = [(name, False, False, None, None)]
         if args.extra:
-            variants.append((f"{name} (fused producers)", True, False, None))
+            variants.append((f"{name} (fused producers)", True, False, None, None))
         if args.compile:
-            variants.append((f"{name} compiled", False, True, "torch"))
-            variants.append((f"{name} compiled, fused Triton act quant", False, True, "fused"))
+            variants.append((f"{name} compiled", False, True, "torch", "math"))
+            variants.append((f"{name} compiled, fused Triton act quant", False, True, "fused", "math"))
             if args.extra:
-                variants.append((f"{name} compiled (act-quant kernel)", False, True, "kernel"))
+                variants.append((f"{name} compiled (act-quant kernel)", False, True, "kernel", "math"))
+            if args.temporal_kernel and name == "w8a8_int":  # the fastest W8A8 variant, with the kernel
+                variants.append((f"{name} compiled, fused Triton act quant, Triton temporal attention", False, True,
+                                 "fused", "short_triton"))
         eager_half = None
-        for label, fused, compiled, act_quant in variants:
+        for label, fused, compiled, act_quant, attention in variants:
             try:
                 set_fusion(qmodel, fused)
                 if compiled:
-                    compile_model(qmodel, mode=args.compile_mode, int_act_quant=act_quant)
+                    compile_model(qmodel, mode=args.compile_mode, int_act_quant=act_quant,
+                                  temporal_attention=attention)
                 timing = time_step(qmodel, x16, t, y16, mask, args.iters, args.warmup)
                 with torch.no_grad():
                     half_out = timing["step"]()

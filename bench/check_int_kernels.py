@@ -15,6 +15,10 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
   tuned_*  the autotuned launches (every tile config of AUTOTUNE_CONFIGS compiles and runs)
   model_*  a tiny STDiT converted to IntLinear, Triton (fused producers on) vs the torch reference path, in float32
            (and in bf16 for W8A8)
+  attn_short_*  the short-sequence (temporal) attention kernel (`qdiff.kernels.short_attention`): bf16, fp16, fp32,
+           q, k, v as strided slices of one [B', N, 3C] tensor, (N, d) = (16, 72), (5, 64), (32, 16); every
+           (problems, warps) config of its CONFIGS in bf16; output vs the float32 reference (max error ≤ 1e-5 of
+           the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
   compiled_*  torch.compile of the tiny STDiT (`compile_blocks`, fullgraph, inductor; aot_eager under the
            interpreter) vs the same model eager on the device: float (bf16), fake-quant W4A8 and the IntLinear models
            (custom-op GEMM; activation quantization in plain torch, or the Triton kernel as a custom op)
@@ -108,6 +112,11 @@ def variants() -> list[tuple]:
                                  frames=frames, dtype=dtype, tile=tile)))
     for frames in (False, True):
         out.append((f"proj_r1{'_frames' if frames else ''}", "proj", dict(frames=frames)))
+    from qdiff.kernels.short_attention import CONFIGS as ATTENTION_CONFIGS, DEFAULT_CONFIG as DEFAULT_ATTENTION_CONFIG
+
+    for dtype in ("bfloat16", "float16", "float32"):
+        for config in ATTENTION_CONFIGS if dtype == "bfloat16" else (DEFAULT_ATTENTION_CONFIG,):
+            out.append((f"attn_short_{dtype}_{config[0]}x{config[1]}", "attn", dict(dtype=dtype, config=config)))
     for name, _, a_zero, w_zero, bias, r_out, dtype in GEMM_VARIANTS:
         for w4 in (False, True):
             out.append((f"gemm_{'w4' if w4 else 'w8'}_{name}", "gemm",
@@ -210,6 +219,27 @@ def check_proj(params: dict, tuned: bool = False) -> str:
         worst = max(worst, float((kernel - reference).abs().max() / reference.abs().max()))
     assert worst < 1e-4, f"rel err {worst:.2e}"
     return f"max rel err {worst:.1e}"
+
+
+def check_attn(params: dict) -> str:
+    from qdiff.kernels.short_attention import short_attention_reference, short_attention_triton
+
+    device, dtype = _device(), getattr(torch, params["dtype"])
+    gen = torch.Generator().manual_seed(4)
+    bound = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]  # of the max |output|
+    lines = []
+    for rows, seq, heads, head_dim in ((37, 16, 16, 72), (11, 5, 3, 64), (9, 32, 2, 16)):
+        channels = heads * head_dim
+        qkv = (torch.randn(rows, seq, 3 * channels, generator=gen) * 1.5).to(dtype)
+        q, k, v = qkv.split(channels, dim=-1)
+        reference = short_attention_reference(q, k, v, heads).float()  # float32 math on the CPU
+        dev = qkv.to(device).split(channels, dim=-1)
+        out = short_attention_triton(*dev, heads, config=params["config"])
+        assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
+        error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
+        assert error <= bound, f"N={seq} d={head_dim}: max error {error:.2e} of max |out| (bound {bound})"
+        lines.append(f"N={seq} d={head_dim}: {error:.1e}")
+    return "max error / max |out|: " + ", ".join(lines)
 
 
 def check_gemm(params: dict, tuned: bool = False) -> str:
@@ -363,7 +393,7 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
             return name, "SKIP", "autotuning needs a GPU", 0.0
     try:
         detail = {"act": check_act, "proj": check_proj, "gemm": check_gemm, "model": check_model,
-                  "compiled": check_compiled,
+                  "compiled": check_compiled, "attn": check_attn,
                   "tuned_act": lambda p: check_act(p, tuned=True), "tuned_proj": lambda p: check_proj(p, tuned=True),
                   "tuned_gemm": lambda p: check_gemm(p, tuned=True)}[kind](params)
         status = "PASS"
@@ -378,8 +408,9 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
 def install_interpreter_shims() -> None:
     """Make Triton 3.6's CPU interpreter behave as the GPU where this project depends on it (idempotent).
 
-    NumPy >= 2.4 refuses int() of the 1-element arrays the interpreter uses for runtime loop bounds; and the
-    interpreter casts float32 -> bfloat16 by truncation, where the GPU (and torch) round to nearest even.
+    NumPy >= 2.4 refuses int() of the 1-element arrays the interpreter uses for runtime loop bounds; the
+    interpreter casts float32 -> bfloat16 by truncation, where the GPU (and torch) round to nearest even; and its
+    `tl.dot` multiplies bf16 operands as their raw uint16 bits (the GPU multiplies the values, exactly, in float32).
     """
     import numpy as np
     import triton.language as tl
@@ -407,6 +438,17 @@ def install_interpreter_shims() -> None:
         return cast(self, src, dst_type)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(handle):  # bf16 is held as uint16 bits: its float32 value has the same upper 16 bits (exact)
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 def run_all(jobs: int = 12, only: str = ""):

@@ -357,6 +357,20 @@ class QuantConfig:
         object.__setattr__(self, "resolved_fp_layers", tuple(dict.fromkeys(from_file + self.fp_layers)))
         object.__setattr__(self, "weight_plan", weight_plan)
         object.__setattr__(self, "act_plan", act_plan)
+        self._check_fp8_plans()
+
+    def _check_fp8_plans(self) -> None:
+        """FP8 weights/activations have one width (8): a bit map that applies to them would ask for other widths."""
+        plans = self.applied_plans()
+        if self.act.format == "fp8_e4m3" and "act" in plans:
+            raise ConfigError("mixed_precision.act_bits_file: act.format 'fp8_e4m3' is 8-bit only, but the act map "
+                              f"applies (act.bits {self.act.bits} <= act_bits_apply_below "
+                              f"{self.mixed_precision.act_bits_apply_below}); drop the map or lower the threshold")
+        if self.weight.format == "fp8_e4m3" and "weight" in plans:
+            raise ConfigError("mixed_precision.weight_bits_file: weight.format 'fp8_e4m3' is 8-bit only, but the weight "
+                              f"map applies (weight.bits {self.weight.bits} <= weight_bits_apply_below "
+                              f"{self.mixed_precision.weight_bits_apply_below}); for W4/W8 mixed precision use "
+                              "weight.format 'int' with weight.format_8bit 'fp8_e4m3'")
 
     # --- loading ---------------------------------------------------------------------------
 

@@ -115,13 +115,14 @@ def weights_once(model: nn.Module):
     One W_eff per weight width the layer has (per-timestep bits give several: forwards of rows at
     other steps within the iteration pick theirs). Covers forwards and their backward (checkpoint
     recomputes included): the weights are formed here, outside any checkpointed block. Layers with
-    several timestep ranges, folded layers and layers whose quantizers are not initialised keep their
-    own path. Recreate it after each optimizer step.
+    several timestep ranges, folded layers, layers with FP8 weights and layers whose quantizers are not
+    initialised keep their own path. Recreate it after each optimizer step.
     """
     layers = [layer for _, layer in quant_layers(model)
               if layer.quant_weight and layer.weight_quantizer is not None and layer.folded_weight is None
               and layer.num_ranges == 1
-              and all(layer._weight_quantizer_for(bits).is_initialized(0) for bits in layer.weight_bit_widths)]
+              and all(layer._weight_quantizer_for(bits).is_initialized(0) and not layer._weight_quantizer_for(bits).fp8
+                      for bits in layer.weight_bit_widths)]  # FP8 weights: their own (autograd) path
     for layer in layers:  # an instance attribute shadows the method
         layer.effective_weight = _fixed(layer, {bits: training_weight(layer, bits) for bits in layer.weight_bit_widths})
     try:

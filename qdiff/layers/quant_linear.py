@@ -28,7 +28,7 @@ from torch import nn
 from qdiff.kernels.frame_low_rank import frame_rank1_update_
 from qdiff.kernels.weight_quant import fake_quant_weight
 from qdiff.quantizers.config import ActQuantConfig, TQEConfig, WeightQuantConfig
-from qdiff.quantizers.uniform import DynamicActQuantizer, StaticActQuantizer, WeightQuantizer
+from qdiff.quantizers.uniform import DynamicActQuantizer, FP8ActQuantizer, StaticActQuantizer, WeightQuantizer
 
 
 def _kaiming_uniform(rows: int, cols: int) -> nn.Parameter:
@@ -102,6 +102,8 @@ class QuantLinear(nn.Module):
         })
         if act_cfg is None:
             self.act_quantizer = None
+        elif act_cfg.format == "fp8_e4m3":
+            self.act_quantizer = FP8ActQuantizer(act_cfg)
         elif act_cfg.mode == "dynamic_per_token":
             self.act_quantizer = DynamicActQuantizer(act_cfg)
         else:
@@ -271,7 +273,8 @@ class QuantLinear(nn.Module):
             raise RuntimeError("effective_weight: this layer has no weight quantizer")
         range_index = self.range_index if range_index is None else range_index
         quantizer = self._weight_quantizer_for(self.w_bits if bits is None else bits)
-        if self.weight.is_cuda and quantizer.is_initialized(range_index) and not self._tracks_grad():
+        if (self.weight.is_cuda and not quantizer.fp8 and quantizer.is_initialized(range_index)
+                and not self._tracks_grad()):  # (FP8 weights: the eager ops, a cast the GPU does natively)
             return self._fused_effective_weight(range_index, out_dtype, quantizer)
         return self._eager_effective_weight(range_index, quantizer).to(out_dtype)
 
@@ -398,6 +401,10 @@ class QuantLinear(nn.Module):
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bias={self.bias is not None}"]
         parts.append(f"w_bits={self.weight_cfg.bits if self.weight_cfg else None}")
         parts.append(f"a_bits={self.act_cfg.bits if self.act_cfg else None}")
+        if self.weight_cfg is not None and "fp8_e4m3" in (self.weight_cfg.quant_format, self.weight_cfg.format_8bit):
+            parts.append(f"w_format={self.weight_cfg.quant_format}")
+        if self.act_cfg is not None and self.act_cfg.format != "int":
+            parts.append(f"a_format={self.act_cfg.format}")
         if self.tqe_cfg is not None:
             parts.append(f"tqe_rank={self.tqe_cfg.rank}/{self.tqe_cfg.rank_out}")
         if self.num_frames is not None:

@@ -1,16 +1,20 @@
-"""Export a calibrated quantized model's linears as integer weights, and load them back as IntLinear layers.
+"""Export a calibrated quantized model's linears as integer (or FP8) weights, and load them back as low-bit layers.
 
-    convert_to_int(model)                                   # in memory: QuantLinear -> IntLinear
+    convert_to_int(model)                                   # in memory: QuantLinear -> IntLinear / FP8Linear
     export_int_model(model, "logs/run/int_weights.safetensors", qconfig, model_info)
-    load_int_model(fp_model, "logs/run/int_weights.safetensors", qconfig, model_info)   # nn.Linear -> IntLinear
+    load_int_model(fp_model, "logs/run/int_weights.safetensors", qconfig, model_info)   # nn.Linear -> low-bit layers
 
-File: safetensors. Tensors `<layer>.<buffer>` (IntLinear's persistent buffers: qweight, w_scale, w_zero, bias,
-smooth_scale, post_a, post_b, frame_scale, act_static) and `_shared.rotation.<i>` for each distinct rotation that
+A QuantLinear with integer activations becomes an IntLinear (integer GEMM); one with FP8 activations
+(act.format: fp8_e4m3) an FP8Linear (`qdiff.lowbit.fp8_linear`: e4m3 GEMM via torch._scaled_mm).
+
+File: safetensors. Tensors `<layer>.<buffer>` (the layer's persistent buffers: IntLinear's qweight, w_scale, w_zero,
+bias, smooth_scale, post_a, post_b, frame_scale, act_static; FP8Linear's the same without act_static, its qweight
+float8_e4m3fn [N, K] or packed integer codes) and `_shared.rotation.<i>` for each distinct rotation that
 is not the canonical `hadamard(K)` (canonical ones are regenerated, as QuantLinear does). JSON header:
-format, format_version, method, bits and granularity summaries, config (the resolved QuantConfig, or null),
-layers (per-layer table: bits, grids, container, TQE rank, frames, balancing), model (architecture fingerprint and
-the caller's model_info). Loading compares config, model_info, fingerprint and layer table with the target and
-raises IntWeightsError listing every difference.
+format, format_version ("1"; "2" when the file holds FP8 layers), method, bits, granularity and formats summaries,
+config (the resolved QuantConfig, or null), layers (per-layer table: kind, bits, formats, grids, container, TQE rank,
+frames, balancing), model (architecture fingerprint and the caller's model_info). Loading compares config,
+model_info, fingerprint and layer table with the target and raises IntWeightsError listing every difference.
 """
 from __future__ import annotations
 
@@ -27,10 +31,14 @@ from qdiff.api import MODEL_SECTIONS, QuantParamsError, config_differences, quan
 from qdiff.balancing import hadamard
 from qdiff.io import save_safetensors_atomic
 from qdiff.layers import QuantLinear
+from qdiff.lowbit.fp8_linear import FP8Linear, is_fp8_layer
 from qdiff.lowbit.int_linear import BACKENDS, IntExportError, IntLinear, SharedInputQuant
 
 FORMAT = "qdiff-int-weights"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # files with integer layers only (unchanged since the first release)
+FORMAT_VERSION_FP8 = "2"  # files with FP8Linear layers (layer entries carry "kind": "fp8")
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_FP8)
+LOWBIT_TYPES = (IntLinear, FP8Linear)
 _SHARED_PREFIX = "_shared.rotation."
 _MAX_LISTED = 12
 
@@ -45,6 +53,37 @@ def int_layers(model: nn.Module) -> Iterator[tuple[str, IntLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, IntLinear):
             yield name, module
+
+
+def fp8_layers(model: nn.Module) -> Iterator[tuple[str, FP8Linear]]:
+    """(name, layer) for every FP8Linear of `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            yield name, module
+
+
+def lowbit_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every IntLinear and FP8Linear of `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LOWBIT_TYPES):
+            yield name, module
+
+
+def lowbit_from_quant_linear(layer: QuantLinear, backend: str = "auto") -> nn.Module:
+    """The inference layer of a calibrated QuantLinear: FP8Linear when its activations are FP8, else IntLinear.
+
+    backend: IntLinear's ('auto', 'torch', 'triton'); for FP8Linear 'triton' means its GEMM kernel ('scaled_mm').
+    """
+    if is_fp8_layer(layer):
+        return FP8Linear.from_quant_linear(layer, backend=_fp8_backend(backend))
+    if layer.weight_quantizer is not None and layer.weight_quantizer.fp8:
+        raise IntExportError("FP8 weights (weight.format fp8_e4m3) need FP8 activations (act.format: fp8_e4m3): the "
+                             "integer GEMM takes integer codes")
+    return IntLinear.from_quant_linear(layer, backend=backend)
+
+
+def _fp8_backend(backend: str) -> str:
+    return {"triton": "scaled_mm"}.get(backend, backend)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,6 +104,7 @@ def convert_to_int(model: nn.Module, backend: str = "auto", share_inputs: bool =
     """Replace every QuantLinear of `model` (in place) by its IntLinear; returns the model.
 
     share_inputs: quantize an input that several layers read once (`share_input_quantization`).
+    Layers with FP8 activations become FP8Linear (see `lowbit_from_quant_linear`).
     Raises IntExportError naming the first layer that cannot be converted (folded, W-only, group-wise, ...).
     """
     layers = list(quant_layers(model))
@@ -73,7 +113,7 @@ def convert_to_int(model: nn.Module, backend: str = "auto", share_inputs: bool =
     converted = {}
     for name, layer in layers:
         try:
-            converted[name] = IntLinear.from_quant_linear(layer, backend=backend)
+            converted[name] = lowbit_from_quant_linear(layer, backend=backend)
         except IntExportError as exc:
             raise IntExportError(f"layer {name}: {exc}") from None
     for name, int_layer in converted.items():
@@ -83,11 +123,14 @@ def convert_to_int(model: nn.Module, backend: str = "auto", share_inputs: bool =
 
 
 def set_int_backend(model: nn.Module, backend: str) -> None:
-    """Select 'auto' (Triton on CUDA), 'torch' (reference ops) or 'triton' for every IntLinear of `model`."""
+    """Select 'auto' (Triton on CUDA), 'torch' (reference ops) or 'triton' for every IntLinear of `model`; FP8Linear
+    layers get 'auto' (torch._scaled_mm where supported), 'torch' (reference) or, for 'triton', 'scaled_mm'."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     for _, layer in int_layers(model):
         layer.backend = backend
+    for _, layer in fp8_layers(model):
+        layer.backend = _fp8_backend(backend)
 
 
 def int_weight_bytes(model: nn.Module) -> int:
@@ -96,7 +139,7 @@ def int_weight_bytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
-_LINEAR_TYPES = (nn.Linear, QuantLinear, IntLinear)
+_LINEAR_TYPES = (nn.Linear, QuantLinear, IntLinear, FP8Linear)
 
 
 def architecture_fingerprint(model: nn.Module) -> str:
@@ -127,6 +170,12 @@ def _summary(table: dict[str, dict]) -> tuple[dict, dict]:
     return bits, granularity
 
 
+def _formats(table: dict[str, dict]) -> dict:
+    """{'weight': [...], 'act': [...]}: the number formats in the file ('int' for IntLinear entries)."""
+    return {"weight": sorted({v.get("w_format", "int") for v in table.values()}),
+            "act": sorted({v.get("a_format", "int") for v in table.values()})}
+
+
 @torch.no_grad()
 def export_int_model(model: nn.Module, path, qconfig=None, model_info: dict | None = None, overwrite: bool = False) -> Path:
     """Write the integer form of `model`'s quantized layers (QuantLinear, converted on the fly, or IntLinear).
@@ -137,15 +186,15 @@ def export_int_model(model: nn.Module, path, qconfig=None, model_info: dict | No
         qconfig: the QuantConfig the model was calibrated with (recorded, compared at load), or None.
         model_info: JSON-able facts about the model (e.g. its constructor config), compared at load.
     """
-    layers: dict[str, IntLinear] = {}
+    layers: dict[str, nn.Module] = {}
     for name, layer in quant_layers(model):
         try:
-            layers[name] = IntLinear.from_quant_linear(layer)
+            layers[name] = lowbit_from_quant_linear(layer)
         except IntExportError as exc:
             raise IntExportError(f"layer {name}: {exc}") from None
-    layers.update(dict(int_layers(model)))
+    layers.update(dict(lowbit_layers(model)))
     if not layers:
-        raise IntExportError("export_int_model: the model has no QuantLinear or IntLinear layers")
+        raise IntExportError("export_int_model: the model has no QuantLinear, IntLinear or FP8Linear layers")
     tensors: dict[str, torch.Tensor] = {}
     table: dict[str, dict] = {}
     rotations: list[torch.Tensor] = []
@@ -159,9 +208,10 @@ def export_int_model(model: nn.Module, path, qconfig=None, model_info: dict | No
     for index, rotation in enumerate(rotations):
         tensors[f"{_SHARED_PREFIX}{index}"] = rotation.float()
     bits, granularity = _summary(table)
+    has_fp8 = any(info.get("kind") == "fp8" for info in table.values())
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_FP8 if has_fp8 else FORMAT_VERSION,
         "method": "" if qconfig is None else qconfig.method,
         "bits": json.dumps(bits),
         "granularity": json.dumps(granularity),
@@ -169,6 +219,8 @@ def export_int_model(model: nn.Module, path, qconfig=None, model_info: dict | No
         "layers": json.dumps(table, sort_keys=True),
         "model": json.dumps({"architecture_sha256": architecture_fingerprint(model), "info": model_info}, sort_keys=True),
     }
+    if has_fp8:  # (integer-only files keep the header of format version 1)
+        meta["formats"] = json.dumps(_formats(table))
     return save_safetensors_atomic(tensors, path, metadata=meta, overwrite=overwrite)
 
 
@@ -189,7 +241,8 @@ def _rotation_key(rotation: torch.Tensor, stored: list[torch.Tensor]) -> str:
 
 # ---------------------------------------------------------------------------------------------- load
 def read_int_header(path) -> dict:
-    """-> dict(method, bits, granularity, config, layers, model) from an integer-weights file's header."""
+    """-> dict(method, bits, granularity, formats, config, layers, model, format_version) from an integer-weights
+    file's header (formats: {'weight': [...], 'act': [...]}, ['int'] for files of format version 1)."""
     path = Path(path)
     if not path.is_file():
         raise IntWeightsError(f"integer weights not found: {path} (run stage 6, t2v.scripts.export_int, first)")
@@ -200,11 +253,13 @@ def read_int_header(path) -> dict:
         raise IntWeightsError(f"{path} is not a safetensors integer-weights file: {exc}") from None
     if meta.get("format") != FORMAT:
         raise IntWeightsError(f"{path} is not a qdiff integer-weights file (header has no format '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise IntWeightsError(f"{path} has format version {meta.get('format_version')!r}; this qdiff reads "
-                              f"{FORMAT_VERSION!r} (re-export it)")
+                              f"{list(READABLE_VERSIONS)} (re-export it)")
     header = {key: json.loads(meta[key]) for key in ("bits", "granularity", "config", "layers", "model")}
     header["method"] = meta.get("method", "")
+    header["format_version"] = meta["format_version"]
+    header["formats"] = json.loads(meta["formats"]) if "formats" in meta else _formats(header["layers"])
     return header
 
 
@@ -251,9 +306,11 @@ def check_int_header(header: dict, model: nn.Module, qconfig=None, model_info: d
 @torch.no_grad()
 def load_int_model(model: nn.Module, path, qconfig=None, model_info: dict | None = None, backend: str = "auto",
                    share_inputs: bool = True) -> nn.Module:
-    """Swap the linears named in an integer-weights file for IntLinear layers loaded from it (in place).
+    """Swap the linears named in an integer-weights file for IntLinear (FP8Linear, for the file's FP8 layers) layers
+    loaded from it (in place).
 
-    The target is the floating-point model (nn.Linear layers; QuantLinear / IntLinear are replaced too).
+    The target is the floating-point model (nn.Linear layers; QuantLinear / IntLinear / FP8Linear are replaced too).
+    backend: as `set_int_backend`.
     share_inputs: quantize an input that several layers read once (`share_input_quantization`).
     Raises IntWeightsError listing every difference of config, model_info, architecture and layer shapes.
     """
@@ -269,11 +326,15 @@ def load_int_model(model: nn.Module, path, qconfig=None, model_info: dict | None
     for name, info in header["layers"].items():
         old = model.get_submodule(name)
         device = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
-        layer = IntLinear(
-            info["in_features"], info["out_features"], info["w_bits"], info["a_bits"], w_symmetric=info["w_symmetric"],
-            a_symmetric=info["a_symmetric"], act_mode=info["act_mode"], bias=info["bias"], num_frames=info["num_frames"],
-            rank_out=info["rank_out"], smooth=info["smooth"], rotation=info["rotation"] is not None, backend=backend,
-        )
+        if info.get("kind", "int") == "fp8":
+            layer = FP8Linear.from_info(info, backend=_fp8_backend(backend))
+        else:
+            layer = IntLinear(
+                info["in_features"], info["out_features"], info["w_bits"], info["a_bits"],
+                w_symmetric=info["w_symmetric"], a_symmetric=info["a_symmetric"], act_mode=info["act_mode"],
+                bias=info["bias"], num_frames=info["num_frames"], rank_out=info["rank_out"], smooth=info["smooth"],
+                rotation=info["rotation"] is not None, backend=backend,
+            )
         prefix = name + "."
         own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         expected = set(layer.state_dict())

@@ -211,29 +211,15 @@ class IntLinear(nn.Module):
         int_layer.w_scale.copy_(delta[:, 0])
         if not w_cfg.symmetric:
             int_layer.w_zero.copy_((zero[:, 0] - offset).to(torch.int32))
-        if layer.bias is not None:
-            int_layer.bias.copy_(layer.bias.float())
-        if smooth is not None:
-            int_layer.smooth_scale.copy_(smooth)
-        if rotation is not None:
-            int_layer.rotation.copy_(rotation)
-        if int_layer.rank_out:
-            int_layer.post_a.copy_(layer.lora_a_out.float())
-            int_layer.post_b.copy_(layer.lora_b_out.float())
-        if int_layer.frame_scale is not None:
-            int_layer.frame_scale.copy_(layer.frame_scale.float().reshape(-1))
+        copy_side_terms(int_layer, layer, smooth, rotation)
         if static:
             int_layer.act_static.copy_(torch.tensor(_static_range(act), device=int_layer.act_static.device))
         return int_layer
 
     def _apply(self, fn, recurse=True):
-        # Follow device moves only: the kernels need float32 scales whatever dtype the model is cast to
-        # (model.to(torch.bfloat16) must not round s_w, the bias or the TQE terms to bfloat16).
-        target = fn(torch.zeros((), device=self.qweight.device)).device
-        for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.device != target:
-                self._buffers[name] = buffer.to(target)
-        return self
+        # The kernels need float32 scales whatever dtype the model is cast to (model.to(torch.bfloat16) must not
+        # round s_w, the bias or the TQE terms to bfloat16).
+        return move_buffers_only(self, fn)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -357,6 +343,33 @@ class IntLinear(nn.Module):
         if self.rotation is not None:
             parts.append("rotation")
         return ", ".join(parts)
+
+
+def move_buffers_only(module: nn.Module, fn) -> nn.Module:
+    """`nn.Module._apply` for the low-bit layers: follow `fn`'s device moves, ignore its dtype casts (their buffers
+    hold integer / float8 codes and float32 scales that a model-wide `.to(dtype)` must leave alone)."""
+    target = fn(torch.zeros((), device=module.w_scale.device)).device
+    for name, buffer in module._buffers.items():
+        if buffer is not None and buffer.device != target:
+            module._buffers[name] = buffer.to(target)
+    return module
+
+
+@torch.no_grad()
+def copy_side_terms(target: nn.Module, layer, smooth: torch.Tensor | None, rotation: torch.Tensor | None) -> None:
+    """Copy a calibrated QuantLinear's float terms around the GEMM into a low-bit layer's buffers: bias, smoothing
+    scales, rotation, the TQE post term (A_out, B_out) and its per-frame factors (float32)."""
+    if layer.bias is not None:
+        target.bias.copy_(layer.bias.float())
+    if smooth is not None:
+        target.smooth_scale.copy_(smooth)
+    if rotation is not None:
+        target.rotation.copy_(rotation)
+    if target.rank_out:
+        target.post_a.copy_(layer.lora_a_out.float())
+        target.post_b.copy_(layer.lora_b_out.float())
+    if target.frame_scale is not None:
+        target.frame_scale.copy_(layer.frame_scale.float().reshape(-1))
 
 
 def _static_range(quantizer: StaticActQuantizer) -> tuple[float, float]:

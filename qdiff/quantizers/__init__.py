@@ -2,6 +2,7 @@
 from qdiff.quantizers.config import ActQuantConfig, BalanceConfig, TQEConfig, WeightQuantConfig
 from qdiff.quantizers.uniform import (
     DynamicActQuantizer,
+    FP8ActQuantizer,
     StaticActQuantizer,
     WeightQuantizer,
     fake_quant,
@@ -15,6 +16,7 @@ __all__ = [
     "ActQuantConfig",
     "BalanceConfig",
     "DynamicActQuantizer",
+    "FP8ActQuantizer",
     "StaticActQuantizer",
     "TQEConfig",
     "WeightQuantConfig",

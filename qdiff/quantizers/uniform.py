@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qdiff.kernels.fake_quant import fake_quant_per_token, fake_quant_per_token_reference
+from qdiff.kernels.fp8_quant import FP8_FORMAT, fake_quant_fp8, fake_quant_fp8_per_token, fp8_row_scale
 from qdiff.quantizers.config import ActQuantConfig, WeightQuantConfig
 
 # Smallest weight step: only reached by all-zero rows/groups, whose reconstruction stays exact.
@@ -137,6 +138,9 @@ class WeightQuantizer(nn.Module):
         zero_point  [R, d_out, G, 1] buffer
         initialized [R] bool buffer
     Each range is initialised (cfg.init) from the first weight it quantizes, or by `init_from`.
+    With `cfg.quant_format == "fp8_e4m3"` (per channel only) Δ is the FP8 scale, initialised to absmax/448 of each
+    output channel, z stays 0, and the forward is `qdiff.kernels.fp8_quant.fake_quant_fp8` (the cast to e4m3
+    instead of the integer grid); Δ is learnable the same way.
     """
 
     def __init__(self, cfg: WeightQuantConfig, out_features: int, in_features: int, num_ranges: int = 1):
@@ -150,6 +154,9 @@ class WeightQuantizer(nn.Module):
         self.out_features, self.in_features = out_features, in_features
         self.num_ranges = num_ranges
         self.num_groups = in_features // group_size
+        self.fp8 = cfg.quant_format == FP8_FORMAT
+        if self.fp8 and self.num_groups != 1:
+            raise ValueError(f"group_size: FP8 weights have one scale per output channel, got {cfg.group_size}")
         shape = (num_ranges, out_features, self.num_groups, 1)
         self.delta = nn.Parameter(torch.ones(shape), requires_grad=cfg.learnable_delta)
         self.register_buffer("zero_point", torch.zeros(shape))
@@ -165,8 +172,12 @@ class WeightQuantizer(nn.Module):
     def init_from(self, w: torch.Tensor, range_index: int = 0) -> None:
         """Set Δ and z of range `range_index` from w [d_out, d_in] with cfg.init."""
         groups = w.detach().reshape(self.out_features * self.num_groups, -1)  # [d_out*G, g]
-        search = grid_search_lp_channelwise if self.cfg.init == "grid_search_lp" else min_max_channelwise
-        delta, zero_point = search(groups, self.cfg.bits, self.cfg.symmetric)
+        if self.fp8:  # absmax / 448 per output channel, no zero point
+            delta = fp8_row_scale(groups.float())[:, 0]
+            zero_point = torch.zeros_like(delta)
+        else:
+            search = grid_search_lp_channelwise if self.cfg.init == "grid_search_lp" else min_max_channelwise
+            delta, zero_point = search(groups, self.cfg.bits, self.cfg.symmetric)
         self.delta[range_index].copy_(delta.reshape(self.out_features, self.num_groups, 1))
         self.zero_point[range_index].copy_(zero_point.reshape(self.out_features, self.num_groups, 1))
         self.initialized[range_index] = True
@@ -184,9 +195,13 @@ class WeightQuantizer(nn.Module):
             self.init_from(w, range_index)
         grouped = w.reshape(self.out_features, self.num_groups, -1)  # [d_out, G, g]
         delta, zero_point = self.delta[range_index], self.zero_point[range_index]
+        if self.fp8:
+            return fake_quant_fp8(grouped.float(), delta).reshape(w.shape)  # float32, as the integer grid gives
         return fake_quant(grouped, delta, zero_point, self.cfg.bits, self.cfg.symmetric).reshape(w.shape)
 
     def extra_repr(self) -> str:
+        if self.fp8:
+            return f"format={FP8_FORMAT}, per_channel, num_ranges={self.num_ranges}"
         return (
             f"bits={self.cfg.bits}, symmetric={self.cfg.symmetric}, group_size={self.cfg.group_size}, "
             f"init={self.cfg.init}, num_ranges={self.num_ranges}"
@@ -340,3 +355,28 @@ class StaticActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.cfg.bits}, symmetric={self.cfg.symmetric}, num_ranges={self.num_ranges}"
+
+
+class FP8ActQuantizer(nn.Module):
+    """Dynamic per-token FP8 (e4m3) activation quantizer: every token row x[..., :] is scaled by its absmax/448 and
+    cast to float8_e4m3fn (`qdiff.kernels.fp8_quant`; round to nearest even, saturating at ±448 by a clamp before
+    the cast, all-zero rows stay zero). Not one of the papers' quantizers: the activation side of the FP8 GEMM
+    path (`qdiff.lowbit.FP8Linear`), which computes exactly these codes. Straight-through rounding; the scale
+    stays attached to the graph, as `DynamicActQuantizer`'s Δ does.
+    """
+
+    def __init__(self, cfg: ActQuantConfig):
+        super().__init__()
+        if cfg.format != FP8_FORMAT or cfg.mode != "dynamic_per_token":
+            raise ValueError(f"FP8ActQuantizer needs format 'fp8_e4m3' with mode 'dynamic_per_token', got "
+                             f"format={cfg.format!r}, mode={cfg.mode!r}")
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, range_index: int = 0, bits: int | None = None) -> torch.Tensor:
+        """x [..., C] -> x̂ same shape and dtype. `range_index` is unused; `bits` must be None or 8."""
+        if bits is not None and bits != 8:
+            raise ValueError(f"FP8ActQuantizer: FP8 activations are 8-bit, asked for {bits} bits")
+        return fake_quant_fp8_per_token(x)
+
+    def extra_repr(self) -> str:
+        return f"format={FP8_FORMAT}, per_token"

@@ -18,7 +18,8 @@ elementwise and layout work (modulation, gates, residuals, spatial<->temporal co
 layers' per-token activation quantization) into the kernels around the GEMMs and attention. While compiled, the text
 is passed padded to ``model_max_length`` with a key mask instead of packed, and every block gets a temporal table
 (zeros after the first), so one graph serves all blocks and prompt lengths with the same values; the temporal
-attention may run as matmul-softmax-matmul.
+attention may run as matmul-softmax-matmul (the default when compiled) or as the Triton kernel of
+`qdiff.kernels.short_attention` (``temporal_attention="short_triton"``, also eagerly: `set_temporal_attention`).
 """
 import json
 import os
@@ -32,6 +33,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qdiff.io import save_safetensors_atomic
+from qdiff.kernels.short_attention import short_attention
 from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate
 
 from t2v.models.embeddings import (
@@ -77,11 +79,18 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return scores.float().softmax(dim=-1).to(q.dtype) @ v
 
 
+# Attention.core: how a self-attention computes softmax(q·kᵀ/√d)·v from its q, k, v linears' outputs
+ATTENTION_CORES = ("sdpa", "math", "short_triton")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate ``q``, ``k``, ``v`` linears (with bias) and ``proj``.
 
-    ``math_attention`` (default False: SDPA) switches to `_math_attention`; `compile_blocks` sets it on the
-    temporal attention.
+    ``core`` picks the attention between the linears (the linears see the same inputs whichever it is):
+    "sdpa" (default): `_attention` on [B', h, N, d] views; "math": `_math_attention` (`compile_blocks` sets it on
+    the temporal attention); "short_triton": `qdiff.kernels.short_attention.short_attention` straight on the
+    linears' [B', N, C] outputs (N ≤ 32: the temporal attention; a Triton kernel on CUDA, its PyTorch reference on
+    the CPU). ``math_attention`` (bool) is the older switch, kept as a view of ``core``.
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -93,12 +102,26 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
-        self.math_attention = False
+        self.core = "sdpa"
+
+    @property
+    def math_attention(self) -> bool:
+        """True when ``core`` is "math" (the switch before ``core`` existed)."""
+        return self.core == "math"
+
+    @math_attention.setter
+    def math_attention(self, enabled: bool) -> None:
+        self.core = "math" if enabled else "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B', N, C] -> [B', N, C]; attention over the N tokens of each row."""
-        q, k, v = (rearrange(lin(x), "B N (h d) -> B h N d", h=self.num_heads) for lin in (self.q, self.k, self.v))
-        out = _math_attention(q, k, v) if self.math_attention else _attention(q, k, v)  # [B', h, N, d]
+        q, k, v = self.q(x), self.k(x), self.v(x)  # [B', N, C] each
+        if self.core == "short_triton":
+            return self.proj(short_attention(q, k, v, self.num_heads))  # [B', N, C]
+        if self.core not in ("sdpa", "math"):
+            raise ValueError(f"Attention.core: expected one of {list(ATTENTION_CORES)}, got {self.core!r}")
+        q, k, v = (rearrange(t, "B N (h d) -> B h N d", h=self.num_heads) for t in (q, k, v))
+        out = _math_attention(q, k, v) if self.core == "math" else _attention(q, k, v)  # [B', h, N, d]
         return self.proj(rearrange(out, "B h N d -> B N (h d)"))
 
 
@@ -522,7 +545,22 @@ class STDiT(nn.Module):
         return model
 
 
-TEMPORAL_ATTENTION = ("math", "sdpa")
+TEMPORAL_ATTENTION = ("math", "sdpa", "short_triton")  # compile_blocks' choices (ATTENTION_CORES)
+
+
+def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
+    """Set the ``core`` of every block's temporal attention (`Attention`); eager or compiled alike. Returns the model.
+
+    "sdpa" is the eager default, "math" matmul-softmax-matmul, "short_triton" the Triton kernel of
+    `qdiff.kernels.short_attention` (on CUDA; its reference on the CPU). Spatial attention stays SDPA. A block
+    compiled already was traced with the core it had: compile after setting it (or use `compile_blocks`'
+    ``temporal_attention``).
+    """
+    if core not in ATTENTION_CORES:
+        raise ValueError(f"temporal_attention: expected one of {list(ATTENTION_CORES)}, got {core!r}")
+    for block in model.blocks:
+        block.attn_temp.core = core
+    return model
 
 
 def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math", mode: str | None = None,
@@ -533,11 +571,12 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     Each block is compiled with ``dynamic=False`` (and ``fullgraph`` by default: a graph break raises). The model
     switches to fixed-shape block inputs (``static_block_inputs``: padded text with a key mask, and a zero temporal
     table after the first block), so the 28 blocks of XL/2 share one compiled graph and no prompt length recompiles;
-    with
-    ``temporal_attention="math"`` (the default), runs the temporal attention as matmul-softmax-matmul; spatial and
-    cross attention stay SDPA. Works for float (bf16/fp16/fp32), fake-quant (QuantLinear) and integer (IntLinear)
+    the temporal attention runs as ``temporal_attention`` (`set_temporal_attention`): "math" (the default)
+    matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton kernel as one opaque custom op); spatial and cross
+    attention stay SDPA. Works for float (bf16/fp16/fp32), fake-quant (QuantLinear) and integer (IntLinear)
     models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
-    first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches.
+    first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches (temporal
+    attention back to SDPA).
 
     The compiled path computes the same function; it is not bit-identical in half precision (the compiler keeps
     some intermediates in float32 that eager rounds; ``exact=True`` asks it to round as eager does).
@@ -546,8 +585,7 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
 
     if temporal_attention not in TEMPORAL_ATTENTION:
         raise ValueError(f"temporal_attention: expected one of {list(TEMPORAL_ATTENTION)}, got {temporal_attention!r}")
-    for block in model.blocks:
-        block.attn_temp.math_attention = enabled and temporal_attention == "math"
+    set_temporal_attention(model, temporal_attention if enabled else "sdpa")
     model.static_block_inputs = enabled
     return compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
                          backend=backend, exact=exact, int_act_quant=int_act_quant)

@@ -5,6 +5,7 @@ layers which sampling step runs, export its integer weights (stage 6) and load t
     generate_videos(pipe, prompts, outdir, on_step=quant_step_hook(qmodel, pipe.sampler.num_sampling_steps))
     export_int_weights(fp32_model, qconfig, quant_params_path, "logs/calib/w4a8_qvdit/int_weights.safetensors")
     build_int_model(pipe.model, "logs/calib/w4a8_qvdit/int_weights.safetensors", qconfig)   # nn.Linear -> IntLinear
+(configs with FP8 activations, e.g. w8a8_fp8: FP8Linear layers; docs/int_kernels.md, "FP8 path").
 """
 from __future__ import annotations
 
@@ -99,10 +100,12 @@ def export_int_weights(model: nn.Module, qconfig: QuantConfig, quant_params_path
 
 
 def build_int_model(model: nn.Module, int_weights_path, qconfig: QuantConfig | None = None, backend: str = "auto") -> nn.Module:
-    """Swap the FP STDiT's quantized linears (in place) for IntLinear layers from a stage-6 file; returns the model.
+    """Swap the FP STDiT's quantized linears (in place) for IntLinear (or FP8Linear) layers from a stage-6 file;
+    returns the model.
 
     Raises `qdiff.lowbit.IntWeightsError` (listing the differences) for a file of another model or config.
-    backend: 'auto' (Triton kernels on CUDA, torch integer ops elsewhere), 'torch' or 'triton'.
+    backend: 'auto' (Triton kernels on CUDA, torch integer ops elsewhere; FP8 layers: torch._scaled_mm where the
+        device supports it), 'torch' (references) or 'triton'.
     """
     from qdiff.lowbit import load_int_model
 

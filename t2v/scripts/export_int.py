@@ -6,8 +6,10 @@
 Reads <calib_dir>/quant_config.yaml and quant_params.safetensors (stage 4), writes <calib_dir>/int_weights.safetensors:
 int8 weight codes (≤ 4-bit weights packed two per byte, 3-bit on its own grid in the 4-bit container), per-channel
 scales and zero points, TQE post terms, smoothing scales and rotations, with a JSON header (bits, granularity, method,
-layers, model fingerprint). Then: `python -m t2v.scripts.quant_inference CONFIG --calib_dir DIR --hardware`.
-Format and kernels: docs/int_kernels.md.
+layers, model fingerprint). Configs with FP8 activations (act.format: fp8_e4m3, e.g. configs/quant/w8a8_fp8.yaml,
+w4a8_fp8.yaml) write FP8 layers instead: float8_e4m3fn weights, or ≤ 4-bit integer codes (exact in e4m3), with their
+per-channel scales (format version 2). Then: `python -m t2v.scripts.quant_inference CONFIG --calib_dir DIR --hardware`.
+Format and kernels: docs/int_kernels.md ("FP8 path" for the FP8 layers).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ Videos get stage 2's names and seeds, so `t2v.scripts.compare_videos` can compar
 
 With --hardware the model runs real low-bit kernels instead of the fake-quant simulation: integer weights from
 stage 6 (`t2v.scripts.export_int`, default <calib_dir>/int_weights.safetensors) are loaded into IntLinear layers
-(Triton int8 GEMMs on CUDA, torch integer ops on CPU); videos go to <calib_dir>/videos_hardware by default.
+(Triton int8 GEMMs on CUDA, torch integer ops on CPU), or, for configs with FP8 activations, FP8Linear layers
+(torch._scaled_mm FP8 GEMMs, a float32 reference where the device lacks it); videos go to <calib_dir>/videos_hardware
+by default.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--int_weights", default=None, help=f"stage-6 file (default: <calib_dir>/{INT_WEIGHTS_NAME}); "
                                                        "implies --hardware")
     p.add_argument("--int_backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="--hardware kernels: auto = Triton on CUDA, torch integer ops elsewhere")
+                   help="--hardware kernels: auto = Triton on CUDA, torch integer ops elsewhere (FP8 layers: "
+                        "torch._scaled_mm where supported; torch = their float32 reference; triton = _scaled_mm)")
     args = p.parse_args(argv)
     args.hardware = args.hardware or args.int_weights is not None
     if args.hardware and args.fold:

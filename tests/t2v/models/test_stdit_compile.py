@@ -86,8 +86,8 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
 
     torch._dynamo.reset()
     compile_blocks(model, backend=backend)
-    assert model.static_block_inputs and all(block.attn_temp.math_attention for block in model.blocks)
-    assert not any(block.attn.math_attention for block in model.blocks)  # spatial attention stays SDPA
+    assert model.static_block_inputs and all(block.attn_temp.core == "math" for block in model.blocks)
+    assert all(block.attn.core == "sdpa" for block in model.blocks)  # spatial attention stays SDPA
     with torch.no_grad():
         compiled = model(x, t, y, mask=mask)
         again = model(x, t, y[:, :, torch.arange(8).flip(0)], mask=mask[:, torch.arange(8).flip(0)])  # other lengths
@@ -95,7 +95,7 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
     assert compiled.dtype == torch.float32 and again.shape == compiled.shape
     assert relative(compiled, eager) < tolerance
     compile_blocks(model, enabled=False)
-    assert not model.static_block_inputs and not any(block.attn_temp.math_attention for block in model.blocks)
+    assert not model.static_block_inputs and all(block.attn_temp.core == "sdpa" for block in model.blocks)
     with torch.no_grad():
         assert torch.equal(model(x, t, y, mask=mask), eager)
     torch._dynamo.reset()
@@ -104,3 +104,18 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
 def test_compile_blocks_rejects_unknown_attention():
     with pytest.raises(ValueError, match="temporal_attention"):
         compile_blocks(tiny_model(), temporal_attention="flash")
+
+
+def test_math_attention_flag_is_a_view_of_core():
+    """The boolean switch of earlier code still works: it reads and sets `Attention.core`."""
+    attention = tiny_model().blocks[0].attn_temp
+    assert attention.core == "sdpa" and not attention.math_attention
+    attention.math_attention = True
+    assert attention.core == "math" and attention.math_attention
+    attention.core = "short_triton"
+    assert not attention.math_attention
+    attention.math_attention = False
+    assert attention.core == "sdpa"
+    attention.core = "flash"
+    with pytest.raises(ValueError, match="Attention.core"):
+        attention(torch.randn(2, 4, 64))
