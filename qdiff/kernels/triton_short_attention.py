@@ -50,7 +50,8 @@ def short_attention_kernel(
         problem = tl.program_id(0) * PROBLEMS + i
         row = problem // HEADS
         cols = (problem % HEADS) * HEAD_DIM + lanes
-        valid = tile_ok & (problem < problems)
+        in_range = (seq * 0 + problem) < problems  # [BLOCK_N] bool (a tensor: the interpreter rejects scalar masks)
+        valid = tile_ok & in_range[:, None]
         q = tl.load(_tile_ptrs(q_ptr, row, stride_qb, stride_qn, seq, cols), mask=valid, other=0.0)
         k = tl.load(_tile_ptrs(k_ptr, row, stride_kb, stride_kn, seq, cols), mask=valid, other=0.0)
         v = tl.load(_tile_ptrs(v_ptr, row, stride_vb, stride_vn, seq, cols), mask=valid, other=0.0)
