@@ -23,11 +23,10 @@ inductor fuses the absmax, division and cast into the op producing x (LayerNorm 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from qdiff.kernels.act_quant import smooth_input
 from qdiff.kernels.fp8_quant import FP8_DTYPE, FP8_FORMAT, exact_in_e4m3, quantize_fp8_per_token, to_fp8
-from qdiff.lowbit.int_linear import IntExportError, copy_side_terms, move_buffers_only
+from qdiff.lowbit.int_linear import IntExportError, LowBitLinear, copy_side_terms
 from qdiff.lowbit.pack import code_offset, container_for, pack_codes, unpack_codes
 from qdiff.quantizers.uniform import FP8ActQuantizer, quant_range
 
@@ -102,7 +101,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
 
 
 # ------------------------------------------------------------------------------------------------ layer
-class FP8Linear(nn.Module):
+class FP8Linear(LowBitLinear):
     """Linear layer with e4m3 weights (or integer codes exact in e4m3) and per-token e4m3 activations.
 
     Args:
@@ -208,11 +207,6 @@ class FP8Linear(nn.Module):
             raise RuntimeError("FP8Linear: the e4m3 weight does not reproduce the fake quantizer; report this as a bug")
         return out
 
-    def _apply(self, fn, recurse=True):
-        # The e4m3 weight and the float32 scales must survive model.to(torch.bfloat16) (float8 counts as a
-        # floating-point dtype, so a dtype cast would turn the codes into bf16).
-        return move_buffers_only(self, fn)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.weight_e4m3 = None  # derived from qweight: rebuilt by prepare()
@@ -298,23 +292,11 @@ class FP8Linear(nn.Module):
                    rank_out=info["rank_out"], smooth=info["smooth"], rotation=info.get("rotation") is not None,
                    backend=backend)
 
-    def weight_bytes(self) -> int:
-        """Bytes of every persistent tensor of the layer (codes, scales, zero points, bias, TQE, balancing)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"w_format={self.w_format}" + ("" if self.w_format == FP8_FORMAT else f" ({self.w_bits}-bit codes)"),
                  "a_format=fp8_e4m3 (per token)", f"bias={self.bias is not None}"]
-        if self.rank_out:
-            parts.append(f"rank_out={self.rank_out}")
-        if self.frame_scale is not None:
-            parts.append(f"num_frames={self.num_frames}")
-        if self.smooth_scale is not None:
-            parts.append("smooth")
-        if self.rotation is not None:
-            parts.append("rotation")
-        return ", ".join(parts)
+        return ", ".join(parts + self._side_terms_repr())
 
 
 def _inexact_message(bits: int, symmetric: bool) -> str:

@@ -106,7 +106,34 @@ class SharedInputQuant:
         return SharedInputQuant()
 
 
-class IntLinear(nn.Module):
+class LowBitLinear(nn.Module):
+    """What the low-bit inference layers (IntLinear, FP8Linear) share: their buffers follow device moves but not dtype
+    casts (codes and float32 scales must survive model.to(torch.bfloat16); float8 even counts as floating point),
+    their persistent bytes, and the repr of the float terms around the GEMM."""
+
+    def _apply(self, fn, recurse=True):
+        target = fn(torch.zeros((), device=self.w_scale.device)).device
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.device != target:
+                self._buffers[name] = buffer.to(target)
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes of every persistent tensor of the layer (codes, scales, zero points, bias, TQE, balancing)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def _side_terms_repr(self) -> list[str]:
+        parts = [f"rank_out={self.rank_out}"] if self.rank_out else []
+        if self.frame_scale is not None:
+            parts.append(f"num_frames={self.num_frames}")
+        if self.smooth_scale is not None:
+            parts.append("smooth")
+        if self.rotation is not None:
+            parts.append("rotation")
+        return parts
+
+
+class IntLinear(LowBitLinear):
     """Linear layer with integer weight codes and per-token integer activations (see the module docstring).
 
     Args:
@@ -216,11 +243,6 @@ class IntLinear(nn.Module):
             int_layer.act_static.copy_(torch.tensor(_static_range(act), device=int_layer.act_static.device))
         return int_layer
 
-    def _apply(self, fn, recurse=True):
-        # The kernels need float32 scales whatever dtype the model is cast to (model.to(torch.bfloat16) must not
-        # round s_w, the bias or the TQE terms to bfloat16).
-        return move_buffers_only(self, fn)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.w_colsum = None  # derived from qweight: recomputed at the next forward
@@ -326,33 +348,11 @@ class IntLinear(nn.Module):
             "rank_out": self.rank_out, "smooth": self.smooth_scale is not None,
         }
 
-    def weight_bytes(self) -> int:
-        """Bytes of every persistent tensor of the layer (codes, scales, zero points, bias, TQE, balancing)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"w_bits={self.w_bits} ({self.container})", f"a_bits={self.a_bits} ({self.act_mode})",
                  f"bias={self.bias is not None}"]
-        if self.rank_out:
-            parts.append(f"rank_out={self.rank_out}")
-        if self.frame_scale is not None:
-            parts.append(f"num_frames={self.num_frames}")
-        if self.smooth_scale is not None:
-            parts.append("smooth")
-        if self.rotation is not None:
-            parts.append("rotation")
-        return ", ".join(parts)
-
-
-def move_buffers_only(module: nn.Module, fn) -> nn.Module:
-    """`nn.Module._apply` for the low-bit layers: follow `fn`'s device moves, ignore its dtype casts (their buffers
-    hold integer / float8 codes and float32 scales that a model-wide `.to(dtype)` must leave alone)."""
-    target = fn(torch.zeros((), device=module.w_scale.device)).device
-    for name, buffer in module._buffers.items():
-        if buffer is not None and buffer.device != target:
-            module._buffers[name] = buffer.to(target)
-    return module
+        return ", ".join(parts + self._side_terms_repr())
 
 
 @torch.no_grad()
