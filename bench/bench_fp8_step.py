@@ -10,6 +10,12 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   w4a8_fp8 compiled             configs/quant/w4a8_fp8.yaml: 4-bit integer codes (exact in e4m3, unpacked to e4m3 in
                                 each forward) for the attention linears, e4m3 MLP weights, smoothing (x / s fused)
   <variant>, CUDA graph         with --cuda_graph
+  <model>, fast compiled        with --fast, after the model's plain rows: q, k and v merged into one linear
+                                (t2v.models.stdit.merge_qkv; layers that cannot merge stay), the Triton temporal
+                                attention (compile_blocks(temporal_attention="short_triton")) and the fused activation
+                                quantization (compile_model(int_act_quant="fused"): the producer LayerNorm + modulate
+                                or GELU inside the FP8 quantization kernel)
+  anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
   <variant> eager               with --eager
   w4a8_fp8 compiled, cached     with --cache_w4: the e4m3 copy of the integer codes kept in memory (no unpacking)
 Reported (markdown + JSON in --out): ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight
@@ -23,6 +29,7 @@ with the profiler (default), where one compiled step's device time goes (GEMMs /
 
     python bench/bench_fp8_step.py --out logs/bench/fp8_step                     # compiled bf16, W8A8, W4A8 (H100)
     python bench/bench_fp8_step.py --cuda_graph --out logs/bench/fp8_step        # + CUDA-graph replay rows
+    python bench/bench_fp8_step.py --cuda_graph --fast --out D                   # + the fast rows, one process
     python bench/bench_fp8_step.py --only w4a8 --cache_w4 --merge --out D        # a subset, added to D's JSON
     python bench/bench_fp8_step.py --depth 4 --iters 3 --out /tmp/fp8_quick      # a quick check on 4 blocks
 Needs a CUDA GPU (FP8 tensor cores: sm_89 or newer for torch._scaled_mm). Builds the model and times steps with
@@ -55,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--w4a8", default=str(REPO / "configs/quant/w4a8_fp8.yaml"), help="W4A8 FP8 quant config")
     p.add_argument("--eager", action="store_true", help="also time every model eagerly")
     p.add_argument("--cuda_graph", action="store_true", help="also time every compiled model replayed as a CUDA graph")
+    p.add_argument("--fast", action="store_true",
+                   help="also time each model with merged q/k/v, the Triton temporal attention and fused act quant")
+    p.add_argument("--anchor", default=str(REPO / ".devcarry/anchor_block_stack.py"),
+                   help="anchor_block_stack.py (a copy of ../shared/bench/anchor_block_stack.py); skipped if absent")
     p.add_argument("--cache_w4", action="store_true",
                    help="also time W4A8 with the e4m3 copy of its integer weight codes cached (FP8Linear.cache_weight)")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
@@ -117,22 +128,31 @@ def gemm_table(iters: int, warmup: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _ratio(base: float | None, value: float) -> str:
+    return f"{base / value:.2f}" if base else "–"
+
+
 def markdown(results: dict) -> str:
     lines = [f"# FP8 STDiT-XL/2 step (16x512x512, CFG batch 2, {results.get('depth', 28)} blocks) — "
              f"{results['device']}, torch {results['torch']}, {results['date']}", "",
              f"torch._scaled_mm accepts (row-wise scales, bias): {results.get('scaled_mm', {})}", "",
-             "| variant | ms / step | × bf16 compiled (speed-up) | peak GiB | DiT weight MB (persistent) | resident MB | "
-             "× bf16 bytes | first call s |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | ms / step | × anchor (speed-up) | × bf16 compiled (speed-up) | peak GiB | "
+             "DiT weight MB (persistent) | resident MB | × bf16 bytes | first call s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     steps = results["steps"]
     base = steps.get("bf16 compiled", {})
+    anchor_ms = results.get("anchor", {}).get("step_ms")
     for name, row in steps.items():
         if "ms" not in row:
-            lines.append(f"| {name} | error: {row.get('error', '?')} | | | | | | |")
+            lines.append(f"| {name} | error: {row.get('error', '?')} | | | | | | | |")
             continue
-        speed = f"{base['ms'] / row['ms']:.2f}" if base.get("ms") else "–"
+        if "weight_bytes" not in row:  # the anchor: a time only
+            lines.append(f"| {name} | {row['ms']:.1f} | 1.00 | {_ratio(base.get('ms'), row['ms'])} | | | | | |")
+            continue
         ratio = f"{row['weight_bytes'] / base['weight_bytes']:.3f}" if base.get("weight_bytes") else "–"
-        lines.append(f"| {name} | {row['ms']:.1f} | {speed} | {row['peak_gib']:.2f} | {row['weight_bytes'] / 1e6:.0f} | "
-                     f"{row['resident_bytes'] / 1e6:.0f} | {ratio} | {row['first_call_s']:.0f} |")
+        lines.append(f"| {name} | {row['ms']:.1f} | {_ratio(anchor_ms, row['ms'])} | {_ratio(base.get('ms'), row['ms'])} "
+                     f"| {row['peak_gib']:.2f} | {row['weight_bytes'] / 1e6:.0f} | {row['resident_bytes'] / 1e6:.0f} | "
+                     f"{ratio} | {row['first_call_s']:.0f} |")
     lines += ["", "## Per GEMM (TFLOP/s = 2·M·K·N / time; FP8: e4m3 in, bf16 out, row-wise scales and bias)", "",
               "| shape | M×K×N | ×/block | bf16 | fp8 _scaled_mm | fp8 incl. compiled quant | quant ms eager / compiled |",
               "|---|---|---|---|---|---|---|"]
@@ -163,13 +183,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_fp8_step needs a CUDA GPU (FP8 tensor cores)", file=sys.stderr)
         return 2
-    from bench.bench_int_step import (dit_weight_bytes, print_breakdown, quantized_model, relative_l2, step_breakdown,
-                                      time_step)
+    from bench.bench_int_step import (anchor_block_ms, dit_weight_bytes, load_anchor, print_breakdown, quantized_model,
+                                      relative_l2, step_breakdown, time_step)
     from bench.common import build_model, environment, inputs
     from qdiff.api import compile_model
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.cuda_graphs import CUDAGraphForward
     from qdiff.lowbit import convert_to_int, fp8_layers, scaled_mm_supported
+    from t2v.models.stdit import merge_qkv
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +234,9 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001
                 run_errors.append(f"{label} profile: {exc!r}"[:600])
 
-    def run_variants(name: str, model, reference: torch.Tensor | None, numerics: dict) -> None:
-        """Eager (optional), compiled and CUDA-graph (optional) steps of the bf16 `model`; numerics vs `reference`."""
+    def run_variants(name: str, model, reference: torch.Tensor | None, numerics: dict, **compile_kwargs) -> None:
+        """Eager (optional), compiled and CUDA-graph (optional) steps of the bf16 `model`; numerics vs `reference`.
+        compile_kwargs go to compile_model (compile_blocks: temporal_attention, int_act_quant)."""
         eager_out = None
         if args.eager:
             try:
@@ -229,7 +251,7 @@ def main(argv=None) -> int:
                 fail(f"{name} eager", exc)
         label = f"{name} compiled"
         try:
-            compile_model(model, mode=args.compile_mode)
+            compile_model(model, mode=args.compile_mode, **compile_kwargs)
             timing = time_step(model, x16, t, y16, mask, args.iters, args.warmup)
             record(label, model, timing, True)
             with torch.no_grad():
@@ -256,6 +278,29 @@ def main(argv=None) -> int:
         release()
         save()
 
+    def run_fast(name: str, model, reference: torch.Tensor | None, numerics: dict) -> None:
+        """The --fast rows of `model` (merged in place: run after its plain rows)."""
+        skipped = merge_qkv(model)
+        numerics["fast: attentions not merged"] = len(skipped)
+        if skipped:
+            print(f"{name}: {len(skipped)} attentions not merged, e.g. {next(iter(skipped.items()))}", flush=True)
+        fast = {}
+        run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
+        numerics.update({f"fast: {key}": value for key, value in fast.items()})
+
+    # the bare bf16 block stack, first: nothing else on the GPU yet
+    if Path(args.anchor).is_file():
+        try:
+            block_ms = anchor_block_ms(load_anchor(Path(args.anchor)))
+            results["anchor"] = {"block_ms": block_ms, "step_ms": block_ms * args.depth, "path": args.anchor}
+            results["steps"]["anchor: bare bf16 block stack"] = {"ms": block_ms * args.depth}
+            print(f"anchor: {block_ms:.2f} ms per block, {block_ms * args.depth:.1f} ms per step", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            run_errors.append(f"anchor: {exc!r}"[:600])
+        release()
+    else:
+        print(f"no anchor at {args.anchor}: its row is skipped", flush=True)
+
     # the float32 master model and inputs
     torch.backends.cuda.matmul.allow_tf32 = False  # numerics compare float32 models exactly
     base = build_model(torch.float32)
@@ -270,6 +315,8 @@ def main(argv=None) -> int:
         try:
             model = copy.deepcopy(base).cuda().to(torch.bfloat16)
             run_variants("bf16", model, None, results["numerics"].setdefault("bf16", {}))
+            if args.fast:
+                run_fast("bf16", model, None, results["numerics"]["bf16"])
             del model
         except Exception as exc:  # noqa: BLE001
             fail("bf16", exc)
@@ -305,6 +352,8 @@ def main(argv=None) -> int:
             save()
             continue
         run_variants(name, qmodel, fake, numerics)
+        if args.fast:
+            run_fast(name, qmodel, fake, numerics)
         if name == "w4a8_fp8" and args.cache_w4:
             for _, layer in fp8_layers(qmodel):
                 layer.cache_weight = True

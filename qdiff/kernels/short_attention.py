@@ -25,8 +25,9 @@ from qdiff.kernels.act_quant import interpret_mode
 
 MAX_SEQ = 32  # longest sequence the kernel takes (its tiles hold the whole problem)
 # (problems per program, num_warps) of the kernel: the default, and the candidates bench/bench_short_attention.py
-# --configs times (not yet measured on a GPU: the default is reasoned from register use, see triton_short_attention)
-DEFAULT_CONFIG = (1, 4)
+# --configs times. On an H100 at XL/2's temporal shape (1, 1) was fastest: 0.104 ms vs 0.114 for (1, 4) and 0.183
+# for (4, 8) (docs/benchmarks.md, session 11)
+DEFAULT_CONFIG = (1, 1)
 CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4), (4, 8))
 BACKENDS = ("auto", "torch", "triton")
 

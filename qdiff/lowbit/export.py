@@ -193,6 +193,10 @@ def export_int_model(model: nn.Module, path, qconfig=None, model_info: dict | No
         except IntExportError as exc:
             raise IntExportError(f"layer {name}: {exc}") from None
     layers.update(dict(lowbit_layers(model)))
+    merged = sorted(name for name, layer in layers.items() if getattr(layer, "merged_out_features", None))
+    if merged:
+        raise IntExportError(f"export_int_model: {merged[0]} merges several layers (qdiff.lowbit.merge, for inference "
+                             "only); export the model before merging them")
     if not layers:
         raise IntExportError("export_int_model: the model has no QuantLinear, IntLinear or FP8Linear layers")
     tensors: dict[str, torch.Tensor] = {}

@@ -103,6 +103,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.core = "sdpa"
+        self.qkv = None  # `merge_qkv`: q, k and v as one linear [C -> 3C] (inference)
 
     @property
     def math_attention(self) -> bool:
@@ -113,9 +114,16 @@ class Attention(nn.Module):
     def math_attention(self, enabled: bool) -> None:
         self.core = "math" if enabled else "sdpa"
 
+    def input_linears(self) -> tuple[nn.Module, ...]:
+        """The linears that read x: (qkv,) once merged (`merge_qkv`), else (q, k, v)."""
+        return (self.q, self.k, self.v) if self.qkv is None else (self.qkv,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B', N, C] -> [B', N, C]; attention over the N tokens of each row."""
-        q, k, v = self.q(x), self.k(x), self.v(x)  # [B', N, C] each
+        if self.qkv is None:
+            q, k, v = self.q(x), self.k(x), self.v(x)  # [B', N, C] each
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B', N, C] views of one [B', N, 3C]
         if self.core == "short_triton":
             return self.proj(short_attention(q, k, v, self.num_heads))  # [B', N, C]
         if self.core not in ("sdpa", "math"):
@@ -214,7 +222,7 @@ class STDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, C] each
 
         # 1. spatial self-attention over the S tokens of each frame
-        x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, self.attn.q, self.attn.k, self.attn.v)
+        x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, *self.attn.input_linears())
         x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
         x = x + gate_msa * x_s
@@ -561,6 +569,32 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
     for block in model.blocks:
         block.attn_temp.core = core
     return model
+
+
+def merge_qkv(model: nn.Module) -> dict[str, str]:
+    """Merge q, k and v of every self-attention (`Attention`) of `model` into one linear ``qkv`` [C -> 3C], for
+    inference: one activation quantization and one GEMM with N = 3C instead of three (`qdiff.lowbit.merge`).
+
+    Works on float (nn.Linear), integer (IntLinear) and FP8 (FP8Linear) layers whose input side is identical; layers
+    that cannot merge (fake-quant QuantLinear, TQE post terms, different smoothing, ...) stay as they are. The
+    outputs are the same columns (exact for the integer GEMM; float GEMMs may pick other kernels, so the last bits
+    can differ). Merge after loading weights and before compiling; export files hold unmerged layers.
+    Returns {attention module name: why it was not merged} for the attentions left unmerged.
+    """
+    from qdiff.lowbit.merge import merge_linears, merge_problem
+
+    skipped = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention) or module.qkv is not None:
+            continue
+        layers = [module.q, module.k, module.v]
+        problem = merge_problem(layers)
+        if problem is not None:
+            skipped[name] = problem
+            continue
+        module.qkv = merge_linears(layers)
+        del module.q, module.k, module.v
+    return skipped
 
 
 def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math", mode: str | None = None,

@@ -35,6 +35,14 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "ops the compiler fuses into their producers (default); kernel: our Triton kernel; fused: "
                         "our Triton kernel with LayerNorm + modulate and GELU inside it and approximate division "
                         "(fastest in isolation, docs/benchmarks.md; a code may move by one step on a tie)")
+    p.add_argument("--temporal_attention", choices=("math", "sdpa", "short_triton"), default="math",
+                   help="with --compile: the temporal attention's core (t2v.models.stdit.set_temporal_attention). "
+                        "math: matmul-softmax-matmul (default); sdpa; short_triton: our Triton kernel for N <= 32 "
+                        "frames (6x faster than cuDNN's SDPA on an H100, docs/benchmarks.md)")
+    p.add_argument("--merge_qkv", action="store_true",
+                   help="merge q, k and v of each self-attention into one linear (t2v.models.stdit.merge_qkv): one "
+                        "activation quantization and one wider GEMM; attentions whose layers cannot merge (TQE post "
+                        "terms, per-layer smoothing, fake quant) stay as they are and are logged")
     p.add_argument("--cuda_graph", action="store_true",
                    help="with --compile on a GPU: replay each DiT call as one CUDA graph (qdiff.cuda_graphs), so "
                         "the host no longer limits the step (W8A8 with --int_act_quant fused: 190 -> 151 ms per "
@@ -42,11 +50,21 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 def compile_if_requested(model, args) -> None:
-    """`--compile`: compile the DiT's blocks in place (float, fake-quant and integer models alike)."""
+    """`--merge_qkv`, then `--compile`: compile the DiT's blocks in place (float, fake-quant and integer models)."""
+    if getattr(args, "merge_qkv", False):
+        from t2v.models.stdit import Attention, merge_qkv
+
+        skipped = merge_qkv(model)
+        log = logging.getLogger("t2v")
+        for name, why in skipped.items():
+            log.info("--merge_qkv: %s left unmerged: %s", name, why)
+        merged = sum(1 for m in model.modules() if isinstance(m, Attention) and m.qkv is not None)
+        log.info("--merge_qkv: q/k/v merged in %d attention(s), %d left unmerged", merged, len(skipped))
     if getattr(args, "compile", False):
         from t2v.models.stdit import compile_blocks
 
-        compile_blocks(model, int_act_quant=getattr(args, "int_act_quant", "torch"))
+        compile_blocks(model, int_act_quant=getattr(args, "int_act_quant", "torch"),
+                       temporal_attention=getattr(args, "temporal_attention", "math"))
 
 
 def cuda_graph_if_requested(pipe, args) -> None:

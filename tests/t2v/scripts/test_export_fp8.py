@@ -57,6 +57,13 @@ def test_fp8_pipeline_end_to_end(calib_data, tmp_path, name):
     for latent in latents:
         fake, real = load_file(latent)["latent"], load_file(hw_dir / latent.name)["latent"]
         assert float((real - fake).norm() / fake.norm()) < 1e-3
+    # --merge_qkv: the same videos from merged q/k/v layers (w4a8_fp8's per-layer smoothing keeps them apart)
+    merged_dir = calib_dir / "videos_merged"
+    assert quant_inference.main([CONFIG, "--calib_dir", str(calib_dir), "--hardware", "--merge_qkv",
+                                 "--outdir", str(merged_dir), *COMMON]) == 0
+    for latent in latents:
+        merged, real = load_file(merged_dir / latent.name)["latent"], load_file(hw_dir / latent.name)["latent"]
+        assert float((merged - real).norm() / real.norm()) < 1e-5
 
     model = build_pipeline(cfg).model
     build_int_model(model, calib_dir / "int_weights.safetensors", qconfig)
