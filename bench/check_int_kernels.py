@@ -19,13 +19,18 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            q, k, v as strided slices of one [B', N, 3C] tensor, (N, d) = (16, 72), (5, 64), (32, 16); every
            (problems, warps) config of its CONFIGS in bf16; output vs the float32 reference (max error ≤ 1e-5 of
            the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
+  fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
+           LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, both tiles, exact and fast division;
+           tuned_fp8_* autotuned
   compiled_*  torch.compile of the tiny STDiT (`compile_blocks`, fullgraph, inductor; aot_eager under the
-           interpreter) vs the same model eager on the device: float (bf16), fake-quant W4A8 and the IntLinear models
-           (custom-op GEMM; activation quantization in plain torch, or the Triton kernel as a custom op)
+           interpreter) vs the same model eager on the device: float (bf16), fake-quant W4A8, the IntLinear models
+           (custom-op GEMM; activation quantization in plain torch, or the Triton kernel as a custom op) and the
+           W8A8 FP8Linear model (int_act_quant "fused": its FP8 kernel with the producers)
 Codes, scales, zero points, row sums and int32 GEMM results must be equal to the references (activation
-references run on the CPU: CUDA's torch divides by a Python scalar through its reciprocal). Fused producers
-(LayerNorm moments, GELU) may round differently from torch's kernels in the last bit: a code may move by one step on
-at most 0.5% of the elements. Float outputs: relative L2 ≤ 1e-5 (fp32), 1e-2 (bf16); the tiny models: ≤ 1e-2 in
+references run on the CPU: CUDA's torch divides by a Python scalar through its reciprocal); so must the e4m3 codes
+and scales without a producer in exact mode. Fused producers (LayerNorm moments, GELU) may round differently from
+torch's kernels in the last bit, and fast mode divides approximately: a code (integer or e4m3) may move by one step
+on at most 0.5% of the elements. Float outputs: relative L2 ≤ 1e-5 (fp32), 1e-2 (bf16); the tiny models: ≤ 1e-2 in
 float32 (CPU and GPU float ops differ in the last bits, which moves a few codes) and < 0.25 in bf16 (a sanity bound).
 
 Variants run in worker processes (--jobs, default 12): compilation dominates, and it is per process. Under 60 s on
@@ -76,6 +81,9 @@ ACT_VARIANTS = (
     ("gelu_plain", "gelu_tanh", False, False, False, 0, False, ("bfloat16",)),
     ("gelu_static", "gelu_tanh", False, True, False, 0, False, ("bfloat16", "float32")),
 )
+# (producer, smooth) of FP8Linear's inputs: W8A8 FP8 (no smoothing) and W4A8 FP8 (smoothing)
+FP8_VARIANTS = (("none", False), ("none", True), ("layernorm_modulate", False), ("layernorm_modulate", True),
+                ("gelu_tanh", False), ("gelu_tanh", True))
 # (name, w4, a_zero, w_zero, bias, r_out, out): what the configs reach, and the exact int32 output
 GEMM_VARIANTS = (
     ("asym_tqe_bf16", False, True, True, True, 1, "bfloat16"),  # Q-VDiT, bf16 model
@@ -98,18 +106,26 @@ def variants() -> list[tuple]:
                             ("w4a8_qvdit", "kernel")):
         out.append((f"compiled_int_{yaml}_{act_quant}", "compiled", dict(kind="int", yaml=yaml, act_quant=act_quant)))
     out.append(("compiled_fakequant_w4a8_qvdit", "compiled", dict(kind="fake", yaml="w4a8_qvdit", act_quant="torch")))
+    out.append(("compiled_fp8_w8a8_fp8_fused", "compiled", dict(kind="int", yaml="w8a8_fp8", act_quant="fused")))
     out.append(("compiled_bf16", "compiled", dict(kind="float", yaml=None, act_quant="torch")))
     for w4 in (False, True):
         out.append((f"tuned_gemm_{'w4' if w4 else 'w8'}", "tuned_gemm", dict(w4=w4)))
     out.append(("tuned_act_ln_qkv_tqe3_bfloat16", "tuned_act", dict(producer="layernorm_modulate", r_out=3)))
     out.append(("tuned_act_gelu_tqe_bfloat16", "tuned_act", dict(producer="gelu_tanh", r_out=1)))
     out.append(("tuned_proj_r1_frames", "tuned_proj", {}))
+    for producer in ("layernorm_modulate", "gelu_tanh"):
+        out.append((f"tuned_fp8_{producer}_bfloat16_fast", "tuned_fp8", dict(producer=producer, fast=True)))
     for name, producer, smooth, static, symmetric, r_out, frames, dtypes in ACT_VARIANTS:
         for dtype in dtypes:
             for tile in ACT_TILES:
                 out.append((f"act_{name}_{dtype}_{tile}", "act",
                             dict(producer=producer, smooth=smooth, static=static, symmetric=symmetric, r_out=r_out,
                                  frames=frames, dtype=dtype, tile=tile)))
+    for producer, smooth in FP8_VARIANTS:
+        for dtype, fast in (("bfloat16", False), ("float32", False), ("bfloat16", True)):
+            for tile in ACT_TILES:
+                out.append((f"fp8_{producer}{'_smooth' if smooth else ''}_{dtype}{'_fast' if fast else ''}_{tile}",
+                            "fp8", dict(producer=producer, smooth=smooth, dtype=dtype, fast=fast, tile=tile)))
     for frames in (False, True):
         out.append((f"proj_r1{'_frames' if frames else ''}", "proj", dict(frames=frames)))
     from qdiff.kernels.short_attention import CONFIGS as ATTENTION_CONFIGS, DEFAULT_CONFIG as DEFAULT_ATTENTION_CONFIG
@@ -199,6 +215,38 @@ def check_act(params: dict, tuned: bool = False) -> str:
         config = None if tuned else ACT_TILES[params["tile"]]
         kernel = quantize_per_token_triton(x.to(device), bits, symmetric, **on_device, producer=producer, config=config)
         lines.append(f"{rows}x{cols} A{bits}: " + _compare_codes(kernel, reference, exact=producer is None))
+    return "; ".join(lines)
+
+
+def check_fp8(params: dict, tuned: bool = False) -> str:
+    from qdiff.kernels.fp8_quant import e4m3_steps, quantize_fp8_per_token_reference, quantize_fp8_per_token_triton
+
+    device, dtype = _device(), getattr(torch, params.get("dtype", "bfloat16"))
+    gen = torch.Generator().manual_seed(3)
+    exact = params["producer"] == "none" and not params["fast"]
+    lines = []
+    for rows, cols in ACT_SHAPES[:2] if tuned else ACT_SHAPES:
+        x = (torch.randn(rows, cols, generator=gen) * torch.linspace(0.1, 6, cols) + 0.2).to(dtype)
+        x[0] = 0  # an all-zero token
+        smooth = torch.rand(cols, generator=gen) + 0.5 if params.get("smooth") else None
+        producer = _producer(params["producer"], rows, cols, dtype, "cpu", gen)
+        codes_ref, scale_ref = quantize_fp8_per_token_reference(x, smooth, producer)  # on the CPU: IEEE division
+        if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
+            producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))
+        codes, scale = quantize_fp8_per_token_triton(x.to(device), None if smooth is None else smooth.to(device),
+                                                     producer, config=None if tuned else ACT_TILES[params["tile"]],
+                                                     fast=params["fast"])
+        codes, scale = codes.cpu(), scale.cpu()
+        steps = e4m3_steps(codes, codes_ref)
+        moved = float((steps > 0).float().mean())
+        if exact:
+            assert torch.equal(codes.view(torch.uint8), codes_ref.view(torch.uint8)), f"codes: {moved:.2%} moved"
+            assert torch.equal(scale, scale_ref), "scales differ"
+        else:
+            assert int(steps.max()) <= 1 and moved <= 5e-3, f"codes: max {int(steps.max())} steps, {moved:.2%} moved"
+            torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+        lines.append(f"{rows}x{cols}: codes moved {moved:.2e}, scale rel err "
+                     f"{float(((scale - scale_ref).abs() / scale_ref).max()):.1e}")
     return "; ".join(lines)
 
 
@@ -293,9 +341,10 @@ def check_gemm(params: dict, tuned: bool = False) -> str:
 
 def _single_tile_autotuners() -> None:
     """Model checks: one tile config per kernel (the tuned_* variants cover autotuning)."""
-    from qdiff.kernels import triton_act_quant, triton_int_gemm
+    from qdiff.kernels import triton_act_quant, triton_fp8_act_quant, triton_int_gemm
 
     triton_act_quant.act_quant_tuned.configs = triton_act_quant.act_quant_tuned.configs[:1]
+    triton_fp8_act_quant.fp8_act_quant_tuned.configs = triton_fp8_act_quant.fp8_act_quant_tuned.configs[:1]
     triton_act_quant.codes_projection_tuned.configs = triton_act_quant.codes_projection_tuned.configs[:1]
     triton_int_gemm.int_gemm_tuned.configs = triton_int_gemm.int_gemm_tuned.configs[3:4]
 
@@ -330,7 +379,7 @@ def check_compiled(params: dict) -> str:
     else:
         model = model.to(device)
         if params["kind"] == "int":
-            convert_to_int(model, backend="auto")
+            convert_to_int(model, backend="auto")  # IntLinear, or FP8Linear for FP8 configs
     x, t, y, mask = (v.to(device) for v in helpers.inputs())
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     x, y = x.to(dtype), y.to(dtype)
@@ -393,9 +442,10 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
             return name, "SKIP", "autotuning needs a GPU", 0.0
     try:
         detail = {"act": check_act, "proj": check_proj, "gemm": check_gemm, "model": check_model,
-                  "compiled": check_compiled, "attn": check_attn,
+                  "compiled": check_compiled, "attn": check_attn, "fp8": check_fp8,
                   "tuned_act": lambda p: check_act(p, tuned=True), "tuned_proj": lambda p: check_proj(p, tuned=True),
-                  "tuned_gemm": lambda p: check_gemm(p, tuned=True)}[kind](params)
+                  "tuned_gemm": lambda p: check_gemm(p, tuned=True),
+                  "tuned_fp8": lambda p: check_fp8(p, tuned=True)}[kind](params)
         status = "PASS"
     except Exception as exc:  # noqa: BLE001 - reported per variant
         status = "FAIL"
@@ -409,8 +459,11 @@ def install_interpreter_shims() -> None:
     """Make Triton 3.6's CPU interpreter behave as the GPU where this project depends on it (idempotent).
 
     NumPy >= 2.4 refuses int() of the 1-element arrays the interpreter uses for runtime loop bounds; the
-    interpreter casts float32 -> bfloat16 by truncation, where the GPU (and torch) round to nearest even; and its
-    `tl.dot` multiplies bf16 operands as their raw uint16 bits (the GPU multiplies the values, exactly, in float32).
+    interpreter casts float32 -> bfloat16 by truncation, where the GPU (and torch) round to nearest even; its
+    `tl.dot` multiplies bf16 operands as their raw uint16 bits (the GPU multiplies the values, exactly, in float32);
+    and its float32 -> float8e4nv cast (Triton 3.6 to 3.9) rounds ties away from zero and ORs a mantissa carry into
+    the exponent (1.97 -> 1.0), where the GPU's `cvt.rn.satfinite` and torch round to nearest even (saturating at
+    ±448 on the GPU: the shim clamps, then casts with torch).
     """
     import numpy as np
     import triton.language as tl
@@ -438,6 +491,15 @@ def install_interpreter_shims() -> None:
         return cast(self, src, dst_type)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+    fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            value = torch.from_numpy(np.ascontiguousarray(src.data)).clamp(-448.0, 448.0)
+            return interpreter.TensorHandle(value.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), dst_type.scalar)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
     dot = interpreter.InterpreterBuilder.create_dot
 
     def widened(handle):  # bf16 is held as uint16 bits: its float32 value has the same upper 16 bits (exact)

@@ -292,12 +292,13 @@ def prepare_compile(model: nn.Module, int_act_quant: str = "torch") -> None:
     """Make every quantized layer's host-side state ready, so compiled forwards neither sync nor mutate modules.
 
     QuantLinear: weight quantizers' and static activation quantizers' "initialised / observed" host mirrors are read
-    once now. FP8Linear: torch._scaled_mm is probed on its device (`FP8Linear.prepare`). IntLinear: w_colsum and the static range are derived (`IntLinear.prepare`), and `int_act_quant`
-    selects its compiled activation quantization ("torch": plain ops the compiler fuses; "kernel": the Triton
-    kernel as an opaque custom op, for dynamic ranges; "fused": that kernel with the producer LayerNorm + modulate
-    or GELU computed inside it and approximate division, the fastest measured (docs/benchmarks.md); static ranges
-    always use the plain ops). Also raises dynamo's
-    recompile limits: blocks of one class share a code object, and mixed-precision layers add guarded variants.
+    once now. FP8Linear: torch._scaled_mm is probed on its device (`FP8Linear.prepare`). IntLinear: w_colsum and the
+    static range are derived (`IntLinear.prepare`). `int_act_quant` selects the compiled activation quantization of
+    IntLinear and FP8Linear layers alike ("torch": plain ops the compiler fuses; "kernel": the Triton kernel as an
+    opaque custom op, IEEE division, IntLinear: for dynamic ranges; "fused": that kernel with the producer LayerNorm
+    + modulate or GELU computed inside it and approximate division, the fastest measured for IntLinear
+    (docs/benchmarks.md); static ranges always use the plain ops). Also raises dynamo's recompile limits: blocks of
+    one class share a code object, and mixed-precision layers add guarded variants.
     """
     from qdiff.lowbit.fp8_linear import FP8Linear
     from qdiff.lowbit.int_linear import COMPILE_ACT_QUANT, IntLinear
@@ -308,8 +309,9 @@ def prepare_compile(model: nn.Module, int_act_quant: str = "torch") -> None:
         if isinstance(module, IntLinear):
             module.prepare()
             module.compile_act_quant = int_act_quant
-        elif isinstance(module, FP8Linear):  # probes torch._scaled_mm outside the graph (plain-torch quantization)
+        elif isinstance(module, FP8Linear):  # probes torch._scaled_mm outside the graph
             module.prepare()
+            module.compile_act_quant = int_act_quant
         elif isinstance(module, QuantLinear):
             quantizers = [module.weight_quantizer, *module.step_weight_quantizers.values()]
             for quantizer in quantizers:

@@ -10,6 +10,22 @@ The 1e-12 floor only matters for rows that are all zero (or nearly): they quanti
 stays −0.0) instead of dividing by zero. Everything is plain torch ops, so under torch.compile inductor fuses the
 absmax, the division and the cast into the kernel that produces x.
 
+Activations of the FP8 GEMM: `quantize_fp8_per_token(x, smooth_scale=None, producer=None, backend="torch",
+fast=False)` quantizes the rows of v = producer(x) / s (x [M, K]; the optional fused producer of
+`qdiff.kernels.fused_producers`, LayerNorm + adaLN modulation or GELU-tanh, and the optional smoothing scale s [K],
+each op rounded to x's dtype as the eager ops are) to (codes float8_e4m3fn [M, K], scale float32 [M, 1]) with the
+math above. Backends: "torch" (the default) is the reference in plain torch ops, eager and under torch.compile
+(where inductor fuses it, as before); "auto" runs the Triton kernel (`triton_fp8_act_quant`, producer and
+quantization in one pass) on CUDA and the reference elsewhere; "triton" always the kernel. Under torch.compile
+"auto" and "triton" are the opaque custom op `torch.ops.qdiff.quantize_fp8_per_token` (`qdiff.kernels.ops`).
+The kernel divides as torch does (IEEE), so without a producer its codes and scales equal the CPU reference's bit for
+bit, and so they did with LayerNorm + modulate on bf16 inputs (H100); torch's own LayerNorm moments (float32 inputs)
+and GELU formula (0.5·x·(1 + tanh u), which cancels for x < 0) differ from the kernel's in the last bits, so there a
+code moves by one e4m3 step now and then (≤ 0.05% measured). fast=True multiplies by one reciprocal per row (and
+divides approximately in GELU and smoothing): a code may move by one step where v/s lies within an ulp of a rounding
+boundary (≤ 0.1% measured). (CUDA's torch divides a tensor by the Python scalar 448 through its reciprocal, so the
+eager CUDA reference's scales can differ from the kernel's in the last bit.)
+
 Integers of magnitude ≤ 16 are exact in e4m3 (3 mantissa bits), so integer weight codes minus their zero point
 are exact there when |q − z| ≤ 16: affine grids of ≤ 4 bits, symmetric grids of ≤ 5 bits (`exact_in_e4m3`).
 """
@@ -17,12 +33,17 @@ from __future__ import annotations
 
 import torch
 
+from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
+from qdiff.kernels.act_quant import interpret_mode, kernel_inputs, smooth_input, triton_available
+from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate, producer_args
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 MIN_ABSMAX = 1e-12  # floor of a row's absmax (all-zero rows)
 FORMATS = ("int", "fp8_e4m3")
 FP8_FORMAT = "fp8_e4m3"
 EXACT_INT_MAGNITUDE = 16  # every integer in [−16, 16] is an e4m3 value
+FP8_QUANT_BACKENDS = ("torch", "auto", "triton")
 
 
 def fp8_row_scale(x32: torch.Tensor) -> torch.Tensor:
@@ -57,12 +78,82 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return y.to(FP8_DTYPE).float() * scale
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (any float dtype) -> (codes float8_e4m3fn [M, K], scale float32 [M, 1]): the activation side of the
-    FP8 GEMM. Plain torch ops (see the module docstring)."""
-    x32 = x.float()
+def quantize_fp8_per_token_reference(x: torch.Tensor, smooth_scale: torch.Tensor | None = None,
+                                     producer: LayerNormModulate | GeluTanh | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype; [..., K] without a producer) -> (codes float8_e4m3fn [M, K], scale float32 [M, 1])
+    of producer.apply(x) / s. Plain torch ops (see the module docstring)."""
+    if producer is not None:
+        x = producer.apply(x)
+    x32 = smooth_input(x, smooth_scale).float()
     scale = fp8_row_scale(x32)
     return to_fp8(x32, scale), scale
+
+
+def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | None = None,
+                                  producer: LayerNormModulate | GeluTanh | None = None,
+                                  config: tuple[int, int, int] | None = None,
+                                  fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference,
+    x [M, K] float32, float16 or bfloat16. config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter
+    always needs one). fast: one reciprocal per row instead of IEEE division (see the module docstring)."""
+    import triton
+
+    x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer,
+                                                                    "quantize_fp8_per_token")
+    rows, cols = x.shape
+    codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return codes, scale
+    args = (x, x if smooth is None else smooth, shift, mscale, codes, scale, rows, cols, x.stride(0), codes.stride(0),
+            rows_per_sample, shift.stride(0), eps)
+    flags = dict(SMOOTH=smooth is not None, PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast))
+    # LayerNorm + modulate: no fma contraction, each op keeps its rounding (see triton_fp8_act_quant)
+    flags["enable_fp_fusion"] = not isinstance(producer, LayerNormModulate)
+    kernels = _triton_module()
+    if config is None and not interpret_mode():
+        kernels.fp8_act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
+    else:
+        block_rows, block_k, warps = config or (16, 64, 4)
+        kernels.fp8_act_quant_kernel[(triton.cdiv(rows, block_rows),)](
+            *args, **flags, ONE_CHUNK=cols <= block_k, ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+    return codes, scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor, smooth_scale: torch.Tensor | None = None,
+                           producer: LayerNormModulate | GeluTanh | None = None, backend: str = "torch",
+                           fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes float8_e4m3fn [M, K], scale float32 [M, 1]) of producer.apply(x) / s: the activation side
+    of the FP8 GEMM. backend "torch" (plain torch ops, also under torch.compile), "auto" (Triton on CUDA, the
+    reference elsewhere) or "triton"; fast: the kernel's approximate division (see the module docstring)."""
+    if backend not in FP8_QUANT_BACKENDS:
+        raise ValueError(f"backend: expected one of {list(FP8_QUANT_BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return quantize_fp8_per_token_reference(x, smooth_scale, producer)
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        return _ops.quantize_fp8_per_token_op(x, smooth_scale, *producer_args(producer), backend, fast)
+    if backend == "triton" or (x.is_cuda and triton_available(x.device)):
+        return quantize_fp8_per_token_triton(x, smooth_scale, producer, fast=fast)
+    return quantize_fp8_per_token_reference(x, smooth_scale, producer)
+
+
+def _triton_module():
+    """The FP8 kernel module, imported on first use; refuses a module built for the other Triton mode."""
+    from qdiff.kernels import triton_fp8_act_quant
+
+    if triton_fp8_act_quant.INTERPRETED != interpret_mode():
+        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
+    return triton_fp8_act_quant
+
+
+def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many e4m3 values apart the codes a and b (float8_e4m3fn, same shape) are, int32 (±0 are one value)."""
+    def index(codes):  # signed position on the number line: neighbouring values differ by 1
+        bits = codes.view(torch.uint8).int()
+        return torch.where(bits >= 0x80, -(bits & 0x7F), bits & 0x7F)
+
+    return (index(a) - index(b)).abs()
 
 
 def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,18 @@ class GeluTanh(NamedTuple):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, K] in x's dtype."""
         return F.gelu(x, approximate="tanh")
+
+
+def producer_args(producer: LayerNormModulate | GeluTanh | None) -> tuple:
+    """The custom ops' flat form of a producer: (kind, shift, scale, rows_per_sample, eps); tensors None unless
+    LayerNorm + modulate."""
+    if isinstance(producer, LayerNormModulate):
+        return producer.kind, producer.shift, producer.scale, producer.rows_per_sample, float(producer.eps)
+    return (NONE if producer is None else producer.kind), None, None, 1, 0.0
+
+
+def make_producer(kind: int, shift, scale, rows_per_sample: int, eps: float) -> LayerNormModulate | GeluTanh | None:
+    """The producer of `producer_args`' flat form."""
+    if kind == LAYERNORM_MODULATE:
+        return LayerNormModulate(shift, scale, rows_per_sample, eps)
+    return GeluTanh() if kind == GELU_TANH else None

@@ -2,7 +2,8 @@
 
 Dynamo does not trace into a Triton launcher (autotuners, heuristics, host-side checks) and does not graph-break
 on one: under compilation the dispatch functions (`qdiff.kernels.int_gemm.int_gemm`,
-`qdiff.kernels.act_quant.quantize_per_token` / `project_codes`, `qdiff.kernels.fake_quant.fake_quant_per_token`,
+`qdiff.kernels.act_quant.quantize_per_token` / `project_codes`, `qdiff.kernels.fp8_quant.quantize_fp8_per_token`
+with backend "auto" or "triton", `qdiff.kernels.fake_quant.fake_quant_per_token`,
 `qdiff.kernels.weight_quant.fake_quant_weight`) call the ops below instead of the kernels. Each op's
 implementation is that same dispatch function run eagerly, so it picks the Triton kernel on CUDA and the PyTorch
 reference elsewhere (CPU: torch integer matmul) exactly as the eager model does; each op has a `register_fake`
@@ -13,6 +14,8 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
     torch.ops.qdiff.quantize_per_token(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a,
                                        frame_factor, producer, shift, mscale, rows_per_sample, eps, backend, fast)
         -> (codes [M, K] int8, scale [M] f32, zero [M] i32, rowsum [M] i32, proj [M, r] f32; r = 0 without post_a)
+    torch.ops.qdiff.quantize_fp8_per_token(x, smooth_scale, producer, shift, mscale, rows_per_sample, eps, backend,
+                                           fast) -> (codes [M, K] float8_e4m3fn, scale [M, 1] f32)
     torch.ops.qdiff.project_codes(codes, scale, zero, post_a, frame_factor, backend) -> proj [M, r] f32
     torch.ops.qdiff.fake_quant_per_token(x, bits) -> x̂ like x
     torch.ops.qdiff.fake_quant_weight(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, post_b,
@@ -64,16 +67,12 @@ def quantize_per_token_op(x: Tensor, bits: int, symmetric: bool, smooth_scale: O
     """`qdiff.kernels.act_quant.quantize_per_token`; static range given as (Δ, z), NaN for dynamic; producer 0 (none),
     1 (LayerNorm + modulate with shift, mscale [B, K], rows_per_sample, eps) or 2 (GELU-tanh)."""
     from qdiff.kernels.act_quant import quantize_per_token
-    from qdiff.kernels.fused_producers import GELU_TANH, LAYERNORM_MODULATE, GeluTanh, LayerNormModulate
+    from qdiff.kernels.fused_producers import make_producer
 
     static = None if static_delta != static_delta else (static_delta, static_zero)  # NaN: dynamic
-    made = None
-    if producer == LAYERNORM_MODULATE:
-        made = LayerNormModulate(shift, mscale, rows_per_sample, eps)
-    elif producer == GELU_TANH:
-        made = GeluTanh()
     act = quantize_per_token(x, bits, symmetric, smooth_scale=smooth_scale, static=static, post_a=post_a,
-                             frame_factor=frame_factor, producer=made, backend=backend, fast=fast)
+                             frame_factor=frame_factor, producer=make_producer(producer, shift, mscale, rows_per_sample,
+                                                                               eps), backend=backend, fast=fast)
     proj = act.proj if act.proj is not None else torch.empty(x.shape[0], 0, dtype=torch.float32, device=x.device)
     return act.codes, act.scale, act.zero, act.rowsum, proj
 
@@ -86,6 +85,24 @@ def _quantize_per_token_fake(x, bits, symmetric, smooth_scale, static_delta, sta
     return (x.new_empty((rows, cols), dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
             x.new_empty((rows,), dtype=torch.int32), x.new_empty((rows,), dtype=torch.int32),
             x.new_empty((rows, rank), dtype=torch.float32))
+
+
+@torch.library.custom_op("qdiff::quantize_fp8_per_token", mutates_args=())
+def quantize_fp8_per_token_op(x: Tensor, smooth_scale: Optional[Tensor], producer: int, shift: Optional[Tensor],
+                              mscale: Optional[Tensor], rows_per_sample: int, eps: float, backend: str,
+                              fast: bool) -> tuple[Tensor, Tensor]:
+    """`qdiff.kernels.fp8_quant.quantize_fp8_per_token`; the producer as in `quantize_per_token`."""
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token
+    from qdiff.kernels.fused_producers import make_producer
+
+    return quantize_fp8_per_token(x, smooth_scale, make_producer(producer, shift, mscale, rows_per_sample, eps),
+                                  backend=backend, fast=fast)
+
+
+@quantize_fp8_per_token_op.register_fake
+def _quantize_fp8_per_token_fake(x, smooth_scale, producer, shift, mscale, rows_per_sample, eps, backend, fast):
+    rows, cols = x.shape
+    return x.new_empty((rows, cols), dtype=torch.float8_e4m3fn), x.new_empty((rows, 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("qdiff::project_codes", mutates_args=())

@@ -77,6 +77,38 @@ def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod
 
 
 @triton.jit
+def _chunk_moments(x, valid, K, eps):
+    """LayerNorm (mean, rstd) [ROWS] of rows held whole in one chunk x (x's dtype; 0 outside `valid`)."""
+    width = K * 1.0
+    x32 = x.to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(x32, axis=1), width)
+    dev = tl.where(valid, x32 - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(dev * dev, axis=1), width) + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LayerNorm (mean, rstd) [ROWS] of rows of x read in BLOCK_K chunks, twice: the mean, then the squared
+    deviations from it."""
+    width = K * 1.0
+    total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        valid = row_ok[:, None] & (cols < K)[None, :]
+        total += _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(total, axis=1), width)
+    total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        valid = row_ok[:, None] & (cols < K)[None, :]
+        dev = tl.where(valid, _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32) - mean[:, None], 0.0)
+        total += dev * dev
+    rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(total, axis=1), width) + eps)
+    return mean, rstd
+
+
+@triton.jit
 def _row_grid(lo, hi, q_max, min_delta, SYMMETRIC: tl.constexpr):
     """(Δ, z) [ROWS] of rows with min lo (≤ 0) and max hi (≥ 0)."""
     if SYMMETRIC:
@@ -123,7 +155,6 @@ def act_quant_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
-    width = K * 1.0
     code_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
     proj_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     mean = tl.zeros([ROWS], dtype=tl.float32)
@@ -133,10 +164,7 @@ def act_quant_kernel(
         valid = row_ok[:, None] & (cols < K)[None, :]
         x = _load(x_ptr, rows, cols, valid, stride_xm)
         if PRODUCER == LAYERNORM_MODULATE:
-            x32 = x.to(tl.float32)
-            mean = tl.math.div_rn(tl.sum(x32, axis=1), width)
-            dev = tl.where(valid, x32 - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(dev * dev, axis=1), width) + eps)
+            mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                      PRODUCER, FAST)
         if STATIC:
@@ -149,19 +177,7 @@ def act_quant_kernel(
                                              stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
-            total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                valid = row_ok[:, None] & (cols < K)[None, :]
-                total += _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32)
-            mean = tl.math.div_rn(tl.sum(total, axis=1), width)
-            total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                valid = row_ok[:, None] & (cols < K)[None, :]
-                dev = tl.where(valid, _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32) - mean[:, None], 0.0)
-                total += dev * dev
-            rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(total, axis=1), width) + eps)
+            mean, rstd = _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS, BLOCK_K)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero

@@ -17,22 +17,39 @@ The GEMM (`fp8_gemm`, backend "auto"): torch._scaled_mm(X, Wᵀ, scale_a=s_x [M,
 bias=bias in the output dtype, out_dtype=x's dtype) where the device accepts it (probed once per device, output dtype
 and bias: on an H100 the row-wise kernel outputs bf16 only) and K and N are multiples of 16 on CUDA; otherwise, and
 with backend "torch", the reference: a float32 matmul of the e4m3 values (exact products, float32 sums), then the
-scales and the bias, as _scaled_mm's epilogue does. Activation quantization is plain torch ops, so under torch.compile
-inductor fuses the absmax, division and cast into the op producing x (LayerNorm + modulate, GELU, a layout copy).
+scales and the bias, as _scaled_mm's epilogue does.
+
+Activation quantization (`qdiff.kernels.fp8_quant.quantize_fp8_per_token`): eager, plain torch ops. Under
+torch.compile `compile_act_quant` picks (set by `qdiff.api.prepare_compile` from its `int_act_quant`): "torch" (the
+default) plain torch ops, which inductor fuses into the op producing x (LayerNorm + modulate, GELU, a layout copy);
+"kernel" the Triton kernel as the opaque op `torch.ops.qdiff.quantize_fp8_per_token` (x / s fused, IEEE division);
+"fused" that kernel with approximate division, and the producers LayerNorm + modulate and GELU computed inside it
+(`qdiff.lowbit.fused`). With a fused producer (eager: `fuse_input`, `qdiff.lowbit.fused.set_fusion`) the layer
+receives a `QuantizedInput` holding its `FP8Act` and runs only the GEMM and its TQE post term. On the CPU, and with
+backend "torch", the op and the fused path run the torch reference, so the output does not change.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from qdiff.kernels.act_quant import smooth_input
 from qdiff.kernels.fp8_quant import FP8_DTYPE, FP8_FORMAT, exact_in_e4m3, quantize_fp8_per_token, to_fp8
-from qdiff.lowbit.int_linear import IntExportError, LowBitLinear, copy_side_terms
+from qdiff.lowbit.int_linear import IntExportError, LowBitLinear, QuantizedInput, copy_side_terms
 from qdiff.lowbit.pack import code_offset, container_for, pack_codes, unpack_codes
 from qdiff.quantizers.uniform import FP8ActQuantizer, quant_range
 
 W_FORMATS = ("fp8_e4m3", "int")
 FP8_BACKENDS = ("auto", "torch", "scaled_mm")
 _PROBED: dict[tuple, bool] = {}  # (device type, index, out dtype, bias) -> torch._scaled_mm accepts it
+
+
+class FP8Act(NamedTuple):
+    """Per-token e4m3 codes of an activation: codes float8_e4m3fn [M, K], scale float32 [M, 1] (x̂ = codes·scale)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ GEMM
@@ -116,7 +133,9 @@ class FP8Linear(LowBitLinear):
     smooth_scale f32 [K]; post_a f32 [r, K]; post_b f32 [N, r]; frame_scale f32 [T]; rotation f32 [K, K]
     (non-persistent); weight_e4m3 (non-persistent, integer weights with `cache_weight` after `prepare`).
     Attributes: backend; fast_accum (False); cache_weight (False: integer codes are unpacked to e4m3 in every forward,
-    a small elementwise op that keeps the memory at the packed size; True: `prepare` keeps the e4m3 copy).
+    a small elementwise op that keeps the memory at the packed size; True: `prepare` keeps the e4m3 copy);
+    fuse_input (False: eager, take a QuantizedInput from a fused producer); compile_act_quant ("torch", "kernel" or
+    "fused", see the module docstring).
     """
 
     def __init__(self, in_features: int, out_features: int, w_format: str = FP8_FORMAT, w_bits: int = 8, *,
@@ -138,6 +157,8 @@ class FP8Linear(LowBitLinear):
         self.backend = backend
         self.fast_accum = False
         self.cache_weight = False
+        self.fuse_input = False
+        self.compile_act_quant = "torch"
         factory = dict(device=device)
         if w_format == FP8_FORMAT:
             self.container = "float8_e4m3fn"
@@ -238,21 +259,43 @@ class FP8Linear(LowBitLinear):
         if self.cache_weight and self.w_format != FP8_FORMAT:
             self.weight_e4m3 = self.e4m3_weight()
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., K] -> (e4m3 codes [M, K], scales f32 [M, 1]) of x' = (x / s)·H, M token rows."""
-        x2 = x.reshape(-1, self.in_features)
-        x2 = smooth_input(x2, self.smooth_scale)
-        if self.rotation is not None:  # (x / s) · H in x's dtype, as QuantLinear balances
-            x2 = x2 @ self.rotation.to(x2.dtype)
-        return quantize_fp8_per_token(x2)
+    def act_quant_backend(self) -> str:
+        """Backend of the activation quantization kernel: "torch" (plain ops) with the reference GEMM, else "auto"
+        (the Triton kernel on CUDA, the reference elsewhere)."""
+        return "torch" if self.backend == "torch" else "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] (temporal layers: [B·S, T, K]) -> y [..., N] in x's dtype."""
-        if self.frame_scale is not None and (x.dim() < 2 or x.shape[-2] != self.num_frames):
+    def fast_act_quant(self) -> bool:
+        """Approximate division in the activation-quantization kernel: only compiled, with compile_act_quant "fused"."""
+        return torch.compiler.is_compiling() and self.compile_act_quant == "fused"
+
+    def input_signature(self) -> tuple:
+        """What this layer's activation codes depend on besides x: layers with equal signatures share codes."""
+        return self.in_features, None if self.smooth_scale is None else id(self.smooth_scale)
+
+    def quantize_input(self, x: torch.Tensor) -> FP8Act:
+        """x [..., K] -> FP8Act (e4m3 codes [M, K], scales f32 [M, 1]) of x' = (x / s)·H, M token rows."""
+        x2 = x.reshape(-1, self.in_features)
+        smooth = self.smooth_scale
+        if self.rotation is not None:  # (x / s) · H in x's dtype, as QuantLinear balances
+            x2 = smooth_input(x2, smooth) @ self.rotation.to(x2.dtype)
+            smooth = None
+        kernel = torch.compiler.is_compiling() and self.compile_act_quant != "torch"
+        return FP8Act(*quantize_fp8_per_token(x2, smooth, backend=self.act_quant_backend() if kernel else "torch",
+                                              fast=self.fast_act_quant()))
+
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        """x [..., K] (temporal layers: [B·S, T, K]) or a QuantizedInput made for this layer -> y [..., N] in x's
+        dtype."""
+        if self.frame_scale is not None and (len(x.shape) < 2 or x.shape[-2] != self.num_frames):
             raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
-        codes, scale = self.quantize_input(x)
+        if isinstance(x, QuantizedInput):
+            if self not in x.acts:
+                raise ValueError("this QuantizedInput was not quantized for this layer")
+            codes, scale = x.acts[self][0]
+        else:
+            codes, scale = self.quantize_input(x)
         y = fp8_gemm(codes, scale, self.e4m3_weight(), self.w_scale, self.bias, out_dtype=x.dtype,
                      backend=self.backend, fast_accum=self.fast_accum)
         if self.post_a is not None:

@@ -1,0 +1,107 @@
+"""Triton kernel of `qdiff.kernels.fp8_quant.quantize_fp8_per_token` (imported lazily by its wrapper; the math is
+there): per token row of x [M, K], the fused producer and smoothing of the integer kernel (`triton_act_quant`'s
+`_produce`, the same float32 math and roundings to x's dtype), then s = max(absmax, 1e-12) / 448 and the e4m3 codes
+of clamp(v / s, ±448), stored as float8_e4m3fn [M, K] with s float32 [M].
+
+The cast float32 -> tl.float8e4nv rounds to nearest even (on sm_89+ one `cvt.rn.satfinite.e4m3x2.f32` per two
+values; torch's `.to(torch.float8_e4m3fn)` rounds the same way); the clamp before it makes saturation irrelevant.
+Triton's CPU interpreter (3.6 to 3.9) rounds this cast half away from zero and carries a rounded-up mantissa into
+the wrong bits: `bench.check_int_kernels.install_interpreter_shims` makes it cast as the GPU does.
+
+Same layout rules as the integer kernel (module docstring of `triton_act_quant`): 2-D tensors, reductions along
+axis 1 and none inside a loop, the chunk loops carry an element-wise [ROWS, BLOCK_K] maximum.
+
+With LayerNorm + modulate the wrapper launches it with `enable_fp_fusion=False`. With fusion on (Triton's default),
+LLVM narrows the modulation's float32 product and sum of bf16 values, each rounded to bf16, to bf16 operations and
+contracts them into one `fma.rn.bf16` on sm_90: the product is no longer rounded before the shift is added, as the
+eager model rounds it, and 3% of the codes of a bf16 input moved (by up to 50 e4m3 steps near zero) on an H100.
+Without fusion each op keeps its rounding (`mul.rn.bf16`, `add.rn.bf16`). The other producers keep fusion: nothing
+there rounds between a product and a sum, and GELU's polynomial runs 10% faster with fma.
+"""
+import triton
+import triton.language as tl
+
+from qdiff.kernels.act_quant import interpret_mode
+from qdiff.kernels.triton_act_quant import (
+    AUTOTUNE_CONFIGS,
+    LAYERNORM_MODULATE,
+    _chunk_moments,
+    _load,
+    _produce,
+    _row_moments,
+    one_chunk,
+    prune_configs,
+)
+
+INTERPRETED = interpret_mode()
+FP8_MAX = tl.constexpr(448.0)  # the largest finite float8_e4m3fn
+MIN_ABSMAX = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _row_scale(absmax):
+    """s [ROWS] = max(absmax, 1e-12) / 448 with IEEE division, as `fp8_row_scale`."""
+    return tl.math.div_rn(tl.maximum(absmax, MIN_ABSMAX), FP8_MAX)
+
+
+@triton.jit
+def _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST: tl.constexpr):
+    """Store e4m3(clamp(v / s, ±448)) of one [ROWS, BLOCK_K] chunk v (float32)."""
+    if FAST:  # one reciprocal per row instead of a division per element; a code may move by one step on a tie
+        q = v * (1.0 / scale)[:, None]
+    else:
+        q = tl.math.div_rn(v, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    tl.store(codes_ptr + rows[:, None] * stride_cm + cols[None, :], q.to(tl.float8e4nv), mask=valid)
+
+
+@triton.jit
+def fp8_act_quant_kernel(
+    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, M, K, stride_xm, stride_cm, rows_per_sample,
+    stride_mod, eps,
+    SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+):
+    """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else two passes over K in chunks (the re-read hits L2), after
+    the LayerNorm moments when producer 1 is fused: the absmax, then the codes."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    row_ok = rows < M
+    sample = rows // rows_per_sample
+    mean = tl.zeros([ROWS], dtype=tl.float32)
+    rstd = tl.zeros([ROWS], dtype=tl.float32)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_K)
+        valid = row_ok[:, None] & (cols < K)[None, :]
+        x = _load(x_ptr, rows, cols, valid, stride_xm)
+        if PRODUCER == LAYERNORM_MODULATE:
+            mean, rstd = _chunk_moments(x, valid, K, eps)
+        v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
+                     PRODUCER, FAST)
+        scale = _row_scale(tl.max(tl.abs(v), axis=1))
+        _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
+    else:
+        if PRODUCER == LAYERNORM_MODULATE:
+            mean, rstd = _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS, BLOCK_K)
+        peak = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            valid = row_ok[:, None] & (cols < K)[None, :]
+            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
+                         PRODUCER, FAST)
+            peak = tl.maximum(peak, tl.abs(v))
+        scale = _row_scale(tl.max(peak, axis=1))
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            valid = row_ok[:, None] & (cols < K)[None, :]
+            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
+                         PRODUCER, FAST)
+            _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
+fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST"],
+                                      prune_configs_by={"early_config_prune": prune_configs})(
+    triton.heuristics({"ONE_CHUNK": one_chunk})(fp8_act_quant_kernel))

@@ -1,0 +1,250 @@
+"""Fused producers for FP8Linear (qdiff.lowbit.fused): FP8Linear layers fed a QuantizedInput give exactly what they give
+on the eager activation (CPU: the torch reference runs the model's own ops), readers share launches where their input
+signature agrees, unfusable readers are refused; the tiny STDiT (w8a8_fp8, w4a8_fp8) gives the same output with
+fusion on and off, and under torch.compile (int_act_quant="fused" / "kernel") the FP8 quantization is one opaque op
+per launch with the producers inside, no graph break, and the eager output. Also: compiled IntLinear readers without
+smoothing share one launch."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qdiff
+from qdiff.config import QuantConfig
+from qdiff.lowbit import (
+    FP8Act,
+    FP8Linear,
+    IntLinear,
+    QuantizedInput,
+    convert_to_int,
+    fp8_layers,
+    fused,
+    quantize_gelu,
+    quantize_layernorm_modulate,
+    set_fusion,
+)
+from t2v.models.embeddings import t2i_modulate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+WIDTH = 64
+
+
+def sibling(name: str):
+    """A test module beside this one, for its helpers (pytest's importlib mode has no package imports)."""
+    spec = importlib.util.spec_from_file_location(f"fp8_fused_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+linear_helpers = sibling("test_fp8_linear")  # quant_linear(weight_cfg, ...): an FP8-activation QuantLinear; WEIGHTS
+model_helpers = sibling("test_lowbit_model")  # calibrated(qconfig) -> (fp, fake-quant tiny STDiT); inputs()
+int_helpers = sibling("test_lowbit_int_linear")  # quant_linear(...): an integer QuantLinear
+
+
+def readers(count=3, weights="w8_fp8", backend="auto", **kwargs):
+    layers = [FP8Linear.from_quant_linear(linear_helpers.quant_linear(linear_helpers.WEIGHTS[weights], k=WIDTH,
+                                                                      seed=seed, **kwargs), backend=backend)
+              for seed in range(count)]
+    for layer in layers:
+        set_fusion(layer, True)
+    return layers
+
+
+def modulation(batch=2, tokens=12):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens, WIDTH, generator=gen) * torch.linspace(0.2, 4, WIDTH)
+    return x, torch.randn(batch, 1, WIDTH, generator=gen), torch.randn(batch, 1, WIDTH, generator=gen) * 0.3
+
+
+NORM = nn.LayerNorm(WIDTH, eps=1e-6, elementwise_affine=False)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the FP8 quantization launches of the fused helpers (producer kinds)."""
+    calls = []
+    original = fused.quantize_fp8_per_token
+
+    def counting(x, smooth_scale=None, producer=None, **kwargs):
+        calls.append(producer.kind)
+        return original(x, smooth_scale, producer, **kwargs)
+
+    monkeypatch.setattr(fused, "quantize_fp8_per_token", counting)
+    return calls
+
+
+@pytest.mark.parametrize("weights", ["w8_fp8", "w4_affine"])
+@pytest.mark.parametrize("layout,shared", [(dict(), True), (dict(smooth=True, tqe=True), False),
+                                           (dict(tqe=True, frames=linear_helpers.T), True)])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_layernorm_modulate_input_equals_eager(launches, weights, layout, shared, backend):
+    layers = readers(weights=weights, backend=backend, **layout)
+    x, shift, scale = modulation()
+    quantized = quantize_layernorm_modulate(x, NORM, shift, scale, *layers)
+    assert isinstance(quantized, QuantizedInput) and quantized.shape == x.shape and quantized.dtype == x.dtype
+    assert len(launches) == (1 if shared else 3)  # no smoothing: one launch; each smoothing scale: its own
+    assert all(isinstance(act, FP8Act) and proj is None for act, proj in quantized.acts.values())
+    eager = t2i_modulate(NORM(x), shift, scale)
+    rows = x.numel() // WIDTH // linear_helpers.T  # temporal layers read [B·S, T, K]: the same rows reshaped
+    shape = (rows, linear_helpers.T, WIDTH) if "frames" in layout else x.shape
+    with torch.no_grad():
+        for layer in layers:
+            out = layer(quantized.reshape(*shape))
+            assert torch.equal(out, layer(eager.reshape(shape)))  # the same codes, the same GEMM
+            assert out.shape == (*shape[:-1], 48)
+
+
+def test_gelu_input_and_shared_smoothing(launches):
+    layers = readers(count=2, smooth=True)
+    h = torch.randn(37, WIDTH) * 3
+    quantized = quantize_gelu(h, nn.GELU(approximate="tanh"), *layers)
+    assert launches == [2, 2]
+    with torch.no_grad():
+        for layer in layers:
+            assert torch.equal(layer(quantized), layer(nn.functional.gelu(h, approximate="tanh")))
+    layers[1].smooth_scale = layers[0].smooth_scale  # one smoothing tensor: one signature, one launch
+    quantize_gelu(h, nn.GELU(approximate="tanh"), *layers)
+    assert launches == [2, 2, 2]
+    assert quantize_gelu(h, nn.GELU(), *layers) is None  # the erf GELU is not fused
+
+
+def test_unfusable_readers_are_refused():
+    x, shift, scale = modulation()
+    plain = readers(count=1)
+    mixed_backends = readers(count=2)
+    mixed_backends[1].backend = "torch"
+    integer = IntLinear.from_quant_linear(int_helpers.quant_linear(d_in=WIDTH, smooth=False, rotation=None),
+                                          backend="torch")
+    set_fusion(integer, True)
+    cases = {"rotation": readers(count=1, rotate=True), "nn.Linear": [nn.Linear(WIDTH, 8)],
+             "IntLinear and FP8Linear": plain + [integer], "mixed backends": mixed_backends}
+    for name, layers in cases.items():
+        assert quantize_layernorm_modulate(x, NORM, shift, scale, *layers) is None, name
+    set_fusion(plain[0], False)
+    assert quantize_layernorm_modulate(x, NORM, shift, scale, *plain) is None
+    set_fusion(plain[0], True)
+    quantized = quantize_layernorm_modulate(x, NORM, shift, scale, *plain)
+    with pytest.raises(ValueError, match="not quantized for this layer"):
+        readers(count=1)[0](quantized)
+
+
+@pytest.mark.parametrize("yaml,expected", [
+    ("configs/quant/w8a8_fp8.yaml", {1: 2 * 2, 2: 2}),  # per block: q/k/v share one launch, fc1 one; fc2's GELU
+    ("configs/quant/w4a8_fp8.yaml", {1: 2 * 4, 2: 2}),  # smoothing: q, k, v and fc1 each quantize x / s
+])
+def test_stdit_fusion_on_equals_off(launches, yaml, expected):
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
+    convert_to_int(model)
+    x, t, y, mask = model_helpers.inputs()
+    with torch.no_grad():
+        unfused = model(x, t, y, mask=mask)
+        assert not launches  # fusion is opt-in
+        set_fusion(model, True)
+        out = model(x, t, y, mask=mask)
+    assert {kind: launches.count(kind) for kind in set(launches)} == expected
+    assert torch.equal(out, unfused)
+
+
+def compiled_vs_eager(model, int_act_quant):
+    """(eager output, compiled output, call targets of the one graph) of the tiny model, aot_eager."""
+    x, t, y, mask = model_helpers.inputs()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x, t, y, mask=mask)
+        qdiff.compile_model(model, backend=backend, int_act_quant=int_act_quant)
+        compiled = model(x, t, y, mask=mask)
+    qdiff.compile_model(model, enabled=False)
+    torch._dynamo.reset()
+    assert len(graphs) == 1  # fullgraph (no graph break), one graph serves both blocks
+    return eager, compiled, [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("mode,launches_per_block", [("fused", 13 - 2), ("kernel", 13)])
+def test_stdit_compiles_with_fp8_kernel_op(mode, launches_per_block):
+    """fused: LayerNorm + modulate and GELU move into the op and q, k, v share one launch (13 FP8 layers per block);
+    kernel: every layer quantizes its own input with the op. CPU: the op runs the reference, the eager output."""
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml("configs/quant/w8a8_fp8.yaml"))
+    convert_to_int(model)
+    eager, compiled, targets = compiled_vs_eager(model, mode)
+    assert sum("qdiff.quantize_fp8_per_token" in t for t in targets) == launches_per_block
+    left = [t for t in targets if "layer_norm" in t or "gelu" in t]
+    assert not left if mode == "fused" else left, left
+    assert all(layer.compile_act_quant == mode for _, layer in fp8_layers(model))
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-6  # the TQE-free W8A8 model: summation order only
+
+
+def fp8_linear(layout):
+    layer = readers(count=1, weights="w4_affine", **layout)[0]
+    layer.prepare()
+    return layer
+
+
+@pytest.mark.parametrize("layout", [dict(smooth=True), dict(smooth=True, rotate=True, tqe=True),
+                                    dict(tqe=True, frames=linear_helpers.T)])
+@pytest.mark.parametrize("act_quant", ["torch", "kernel", "fused"])
+def test_fp8_linear_compiled_equals_eager(layout, act_quant):
+    layer = fp8_linear(layout)
+    layer.compile_act_quant = act_quant
+    x = torch.randn(6, linear_helpers.T, WIDTH)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # TQE projection: summation order only
+
+
+def graph_of(fn, *args):
+    """(eager result, compiled result, qdiff op names of the one graph) of fn(*args), backend eager."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    names = [str(node.target).removesuffix(".default") for node in graphs[0].graph.nodes if node.op == "call_function"]
+    return fn(*args), compiled, [name for name in names if name.startswith("qdiff.quantize")]
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_compiled_readers_share_one_launch_without_smoothing(kind, smooth):
+    """Compiled, readers without a smoothing scale share one launch (a signature without tensor ids); each reader
+    with one keeps its own."""
+    if kind == "fp8":
+        layers = readers(smooth=smooth, tqe=True)
+    else:
+        torch.manual_seed(0)
+        layers = [IntLinear.from_quant_linear(int_helpers.quant_linear(d_in=WIDTH, smooth=smooth, rotation=None),
+                                              backend="torch") for _ in range(3)]
+    for layer in layers:
+        layer.prepare()
+    for layer in layers:
+        layer.compile_act_quant = "fused"  # compiled; eager: fuse_input
+        layer.fuse_input = True
+    x, shift, scale = modulation()
+
+    def block(x, shift, scale):
+        quantized = quantize_layernorm_modulate(x, NORM, shift, scale, *layers)
+        return tuple(layer(quantized) for layer in layers)
+
+    with torch.no_grad():
+        eager, compiled, names = graph_of(block, x, shift, scale)
+    assert names == [f"qdiff.quantize{'_fp8' if kind == 'fp8' else ''}_per_token"] * (3 if smooth else 1)
+    for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
