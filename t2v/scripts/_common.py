@@ -31,10 +31,10 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
     p.add_argument("--int_act_quant", choices=("torch", "kernel", "fused"), default="torch",
-                   help="with --compile and --hardware: how the integer layers quantize their inputs. torch: plain "
-                        "ops the compiler fuses into their producers (default); kernel: our Triton kernel; fused: "
-                        "our Triton kernel with LayerNorm + modulate and GELU inside it and approximate division "
-                        "(fastest in isolation, docs/benchmarks.md; a code may move by one step on a tie)")
+                   help="with --compile and --hardware: how the integer and FP8 layers quantize their inputs. "
+                        "torch: plain ops the compiler fuses into their producers (default); kernel: our Triton "
+                        "kernel; fused: our Triton kernel with LayerNorm + modulate and GELU inside it and "
+                        "approximate division (the fastest, docs/benchmarks.md; a code may move by one step on a tie)")
     p.add_argument("--temporal_attention", choices=("math", "sdpa", "short_triton"), default="math",
                    help="with --compile: the temporal attention's core (t2v.models.stdit.set_temporal_attention). "
                         "math: matmul-softmax-matmul (default); sdpa; short_triton: our Triton kernel for N <= 32 "
