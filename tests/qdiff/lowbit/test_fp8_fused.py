@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import qdiff
 from qdiff.config import QuantConfig
 from qdiff.lowbit import (
     FP8Act,
@@ -150,22 +149,7 @@ def test_stdit_fusion_on_equals_off(launches, yaml, expected):
 
 def compiled_vs_eager(model, int_act_quant):
     """(eager output, compiled output, call targets of the one graph) of the tiny model, aot_eager."""
-    x, t, y, mask = model_helpers.inputs()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        from torch._dynamo.backends.common import aot_autograd
-
-        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = model(x, t, y, mask=mask)
-        qdiff.compile_model(model, backend=backend, int_act_quant=int_act_quant)
-        compiled = model(x, t, y, mask=mask)
-    qdiff.compile_model(model, enabled=False)
-    torch._dynamo.reset()
+    eager, compiled, graphs = sibling("test_lowbit_compile").compiled_vs_eager(model, int_act_quant=int_act_quant)
     assert len(graphs) == 1  # fullgraph (no graph break), one graph serves both blocks
     return eager, compiled, [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
 
