@@ -64,22 +64,7 @@ def test_fp8_model_compiles_and_matches_eager():
     """aot_eager (dynamo + AOT autograd, no code generation): one graph for both blocks, no graph break."""
     _, model = model_for("configs/quant/w4a8_fp8.yaml", ["tqe={rank: 4, rank_out: 1, frame_scale: true}"])
     convert_to_int(model)
-    x, t, y, mask = helpers.inputs()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        from torch._dynamo.backends.common import aot_autograd
-
-        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = model(x, t, y, mask=mask)
-        qdiff.compile_model(model, backend=backend)
-        compiled = model(x, t, y, mask=mask)
-    qdiff.compile_model(model, enabled=False)
-    torch._dynamo.reset()
+    eager, compiled, graphs = sibling("test_lowbit_compile").compiled_vs_eager(model)
     assert len(graphs) == 1
     ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert any("_scaled_mm" in op for op in ops) == qdiff.lowbit.scaled_mm_supported("cpu", torch.float32)
