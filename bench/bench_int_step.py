@@ -123,7 +123,7 @@ def step_breakdown(fn) -> dict:
         top[kind].append((micros / 1e3, event.key[:90], event.count))
     result = {f"{key}_ms": value for key, value in totals.items()}
     result["total_ms"] = sum(totals.values())
-    result["top"] = {key: [list(item) for item in sorted(items, reverse=True)[:4]] for key, items in top.items()}
+    result["top"] = {key: [list(item) for item in sorted(items, reverse=True)[:10]] for key, items in top.items()}
     return result
 
 

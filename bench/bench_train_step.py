@@ -59,8 +59,9 @@ def steps_per_second(state, diffusion, ids, mask, loss_fn, steps: int, sync_each
     return steps / total, 1000 * queued / steps
 
 
-def gpu_busy_ms(state, diffusion, ids, mask, loss_fn, steps: int) -> float:
-    """Device time per step summed over kernels (torch.profiler), i.e. what the step costs the GPU alone."""
+def gpu_busy_ms(state, diffusion, ids, mask, loss_fn, steps: int, top: int = 0) -> float:
+    """Device time per step summed over kernels (torch.profiler), i.e. what the step costs the GPU alone; prints the
+    `top` kernels by device time per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from t2v.pipeline.train_tiny import train_step
@@ -69,7 +70,10 @@ def gpu_busy_ms(state, diffusion, ids, mask, loss_fn, steps: int) -> float:
         for _ in range(steps):
             train_step(state, diffusion, ids, mask, autocast=True, loss_fn=loss_fn)
         torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total_us = sum(e.self_device_time_total for e in events)
+    for event in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {event.self_device_time_total / 1000 / steps:7.2f} ms  x{event.count // steps:<4d} {event.key[:100]}")
     return total_us / 1000 / steps
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated variant numbers (1-5) to run; default all")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time per step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_step.py times the GPU trainer: no CUDA device here")
@@ -102,7 +107,7 @@ def main() -> None:
         results["variants"][name] = {
             "steps_per_s": round(rate, 2), "videos_per_s": round(rate * args.batch_size),
             "host_ms_per_step": round(host_ms, 1), "warmup_s": round(warmup_s, 1),
-            "gpu_busy_ms_per_step": round(gpu_busy_ms(state, diffusion, ids, mask, loss_fn, 10), 1)}
+            "gpu_busy_ms_per_step": round(gpu_busy_ms(state, diffusion, ids, mask, loss_fn, 10, args.top), 1)}
         print(name, results["variants"][name], flush=True)
         del state
         torch.cuda.empty_cache()
