@@ -20,8 +20,9 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
     torch.ops.qdiff.fake_quant_per_token(x, bits) -> x̂ like x
     torch.ops.qdiff.fake_quant_weight(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, post_b,
                                       post_a, out_dtype) -> Ŵ [d_out, d_in]
-    torch.ops.qdiff.short_attention(q, k, v, num_heads, backend) -> out [B', N, C]
-        (`qdiff.kernels.short_attention.short_attention`: q, k, v [B', N, C] -> per-head softmax(q·kᵀ/√d)·v)
+    torch.ops.qdiff.short_attention(q, k, v, num_heads, backend) -> out like q, contiguous
+        (`qdiff.kernels.short_attention.short_attention`: q, k, v [B, T, S, C] or [B', N, C] -> per-head
+        softmax(q·kᵀ/√d)·v over dim 1)
 
 Written without `from __future__ import annotations`: the op schemas are inferred from these annotations
 (typing.Optional, as torch 2.11 expects).
@@ -156,7 +157,8 @@ def _fake_quant_weight_fake(weight, delta, zero_point, bits, symmetric, smooth, 
 # ------------------------------------------------------------------------------------------ short attention
 @torch.library.custom_op("qdiff::short_attention", mutates_args=())
 def short_attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, backend: str) -> Tensor:
-    """`qdiff.kernels.short_attention.short_attention` (q, k, v [B', N, C] in any strides with channel stride 1)."""
+    """`qdiff.kernels.short_attention.short_attention` (q, k, v [B, T, S, C] or [B', N, C] in any strides with channel
+    stride 1)."""
     from qdiff.kernels.short_attention import short_attention
 
     return short_attention(q, k, v, num_heads, backend=backend)
@@ -164,4 +166,4 @@ def short_attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, backend:
 
 @short_attention_op.register_fake
 def _short_attention_fake(q, k, v, num_heads, backend):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, T, S, C] or [B', N, C], contiguous

@@ -7,7 +7,9 @@ layout of ``fixtures/opensora_v1/stdit_xl2_keys.json``; converting a released (m
 checkpoint is ``t2v.models.checkpoint``'s job.
 
 Every linear is an ``nn.Linear`` child called as a module (``self.q(x)``), so a quantization
-library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame).
+library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame), except on the
+frame-major path (temporal core "short_triton" with row-order-free linears, `Attention.runs_frame_major`), where
+they see the same rows as [B, T, S, C] and no permute copies are made.
 When the linears after a LayerNorm + modulation or after the MLP's GELU are integer layers
 (``qdiff.lowbit.IntLinear``) with fusion on, the block hands them their input already quantized by one fused
 kernel (``qdiff.lowbit.fused``); every other model runs the eager ops.
@@ -34,7 +36,9 @@ from torch import nn
 
 from qdiff.io import save_safetensors_atomic
 from qdiff.kernels.short_attention import short_attention
+from qdiff.layers.quant_linear import QuantLinear
 from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate
+from qdiff.lowbit.int_linear import LowBitLinear
 
 from t2v.models.embeddings import (
     CaptionEmbedder,
@@ -67,20 +71,44 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
 
 
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q·kᵀ/√head_dim)·v as OpenSora's non-flash path computes it: q scaled, scores in the model dtype,
-    softmax in float32, probabilities rounded to the model dtype before the product with v. q, k, v [B, h, N, d].
+    softmax in float32, probabilities rounded to the model dtype before the product with v. q [B, h, N, d], k/v
+    [B, h, M, d], key_mask [B, 1, 1, M] bool (True = attend) or None.
 
     For short sequences (the temporal attention's 16 frames) two batched matmuls and a softmax beat SDPA's kernels
     in eager on an H100 (0.39 vs 0.78 ms per block, ../shared/docs/PERF_FACTS.md); compiled, the softmax also fuses
     with the layout work around it (to be measured: bench/bench_int_step.py --compile --extra).
     """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, N, N]
-    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()  # [B, h, N, M]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1).to(q.dtype) @ v
 
 
 # Attention.core: how a self-attention computes softmax(q·kᵀ/√d)·v from its q, k, v linears' outputs
 ATTENTION_CORES = ("sdpa", "math", "short_triton")
+
+
+def row_order_free(layer: nn.Module) -> bool:
+    """True when `layer` maps every token row x[..., :] on its own, whatever the rows' order and leading shape, so the
+    temporal attention may feed it frame-major [B, T, S, C] rows instead of [B·S, T, C] (`Attention.forward_frames`):
+    nn.Linear; IntLinear / FP8Linear without per-frame TQE factors (per-token or static per-tensor activations);
+    QuantLinear without per-frame factors, reference token grouping (ranges shared across the batch) or activation
+    statistics being recorded (a per-sample max over the frame axis). Anything else, or a layer with forward hooks
+    (they would see the other layout), counts as order-dependent."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    if type(layer) is nn.Linear:
+        return True
+    if isinstance(layer, LowBitLinear):
+        return layer.frame_scale is None
+    if isinstance(layer, QuantLinear):
+        act = layer.act_quantizer
+        grouped = act is not None and getattr(act.cfg, "reference_token_grouping", False)
+        return layer.frame_scale is None and not grouped and not layer.observe_act_stats
+    return False
 
 
 class Attention(nn.Module):
@@ -91,6 +119,10 @@ class Attention(nn.Module):
     the temporal attention); "short_triton": `qdiff.kernels.short_attention.short_attention` straight on the
     linears' [B', N, C] outputs (N ≤ 32: the temporal attention; a Triton kernel on CUDA, its PyTorch reference on
     the CPU). ``math_attention`` (bool) is the older switch, kept as a view of ``core``.
+
+    With "short_triton" the temporal attention may also run frame-major (`forward_frames`, see `runs_frame_major`):
+    ``frame_major``: "auto" (default) takes it when q/k/v are low-bit layers (IntLinear, FP8Linear), True whenever
+    possible, False never (the permute path everywhere).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -104,6 +136,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.core = "sdpa"
         self.qkv = None  # `merge_qkv`: q, k and v as one linear [C -> 3C] (inference)
+        self.frame_major = "auto"  # when `forward_frames` may run (`runs_frame_major`): "auto", True or False
 
     @property
     def math_attention(self) -> bool:
@@ -132,6 +165,36 @@ class Attention(nn.Module):
         out = _math_attention(q, k, v) if self.core == "math" else _attention(q, k, v)  # [B', h, N, d]
         return self.proj(rearrange(out, "B h N d -> B N (h d)"))
 
+    def runs_frame_major(self, x: torch.Tensor) -> bool:
+        """True when the temporal branch may call `forward_frames(x4)` instead of `forward` on the permuted rows:
+        core "short_triton", ``frame_major`` on, no gradient to compute (training uses "sdpa"/"math" anyway), and
+        every linear `row_order_free` (they then give the same rows in either layout). Reads module attributes only
+        (no tensor values): under torch.compile it is decided once, at trace time.
+
+        "auto" also asks for low-bit q/k/v: their GEMM adds the bias in its epilogue, so the merged output's three
+        views reach the kernel as they are. After a float nn.Linear, inductor writes q, k and v out again (bias add
+        and split, three copies), which cost more than the permutes save: on an H100 the compiled bf16 fast step took
+        121.1 ms frame-major and 117.0 ms permuted, the W8A8 FP8 one 102.1 and 107.3 ms (docs/benchmarks.md,
+        session 12)."""
+        if self.core != "short_triton" or not self.frame_major:
+            return False
+        if self.frame_major == "auto" and not all(isinstance(layer, LowBitLinear) for layer in self.input_linears()):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return all(row_order_free(layer) for layer in (*self.input_linears(), self.proj))
+
+    def forward_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, S, C] (frame-major: STDiT's token order) -> [B, T, S, C]; attention over the T frames at every
+        (b, s): `forward` on "B T S C -> (B S) T C" without the two permute copies. The linears run on the rows in
+        this order and the kernel reads q, k, v (or the merged qkv's three [B, T, S, C] views, token stride 3C) with
+        strides. Only for `runs_frame_major` modules (row-order-free linears)."""
+        if self.qkv is None:
+            q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, S, C] each
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, T, S, C] views of one [B, T, S, 3C]
+        return self.proj(short_attention(q, k, v, self.num_heads))  # [B, T, S, C]
+
 
 class MultiHeadCrossAttention(nn.Module):
     """Video tokens (queries) attend to text tokens (keys/values) of their own sample only.
@@ -150,6 +213,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.core = "sdpa"  # or "math" (`_math_attention`); see `set_attention`
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
         """x [B, N, C], cond [1, ΣL_b, C] (packed valid text tokens), cond_lens [B] python ints -> [B, N, C].
@@ -164,7 +228,7 @@ class MultiHeadCrossAttention(nn.Module):
             kv = self.kv_linear(cond.reshape(1, batch * length, channels)).reshape(batch, length, 2 * channels)
             k, v = rearrange(kv, "B L (two h d) -> two B h L d", two=2, h=self.num_heads).unbind(0)
             key_mask = None if cond_lens is None else cond_lens[:, None, None, :]  # [B, 1, 1, L]
-            out = _attention(q, k, v, key_mask)  # [B, h, N, d]
+            out = (_math_attention if self.core == "math" else _attention)(q, k, v, key_mask)  # [B, h, N, d]
             return self.proj(rearrange(out, "B h N d -> B N (h d)"))
         kv = rearrange(self.kv_linear(cond)[0], "L (two h d) -> two L h d", two=2, h=self.num_heads)
         # unpack the text of each sample: [ΣL_b, h, d] -> [B, L_max, h, d] (zero padded)
@@ -176,7 +240,7 @@ class MultiHeadCrossAttention(nn.Module):
             lens = torch.tensor(cond_lens, device=x.device)
             positions = torch.arange(k.shape[2], device=x.device)
             key_mask = (positions[None] < lens[:, None])[:, None, None]  # [B, 1, 1, L_max]
-        out = _attention(q, k, v, key_mask)  # [B, h, N, d]
+        out = (_math_attention if self.core == "math" else _attention)(q, k, v, key_mask)  # [B, h, N, d]
         return self.proj(rearrange(out, "B h N d -> B N (h d)"))
 
 
@@ -215,7 +279,9 @@ class STDiTBlock(nn.Module):
 
         Or y [B, L, C] padded text with y_lens its bool key mask [B, L] or None (`MultiHeadCrossAttention`).
 
-        temporal_pos_embed [1, T, C] is added to the temporal attention's input (first block only).
+        temporal_pos_embed [1, T, C] is added to the temporal attention's input (first block only). The temporal
+        attention runs on x viewed as [B, T, S, C] (`Attention.forward_frames`) when `Attention.runs_frame_major`,
+        else on the permuted copy [B·S, T, C].
         """
         T, S = self.num_temporal, self.num_spatial
         modulation = self.scale_shift_table[None] + rearrange(t0, "B (six C) -> B six C", six=6)  # [B, 6, C]
@@ -229,10 +295,16 @@ class STDiTBlock(nn.Module):
 
         # 2. temporal self-attention over the T frames at each position; no norm/modulation and the
         #    spatial gate again, as released (METHOD.md section 1)
-        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T, S=S)
-        if temporal_pos_embed is not None:
-            x_t = x_t + temporal_pos_embed
-        x_t = rearrange(self.attn_temp(x_t), "(B S) T C -> B (T S) C", T=T, S=S)
+        if self.attn_temp.runs_frame_major(x):  # in the token order as it is: no permute copies
+            x_t = x.view(x.shape[0], T, S, x.shape[-1])  # [B, T, S, C]
+            if temporal_pos_embed is not None:
+                x_t = x_t + temporal_pos_embed[:, :, None]  # [1, T, 1, C]
+            x_t = self.attn_temp.forward_frames(x_t).view(x.shape)
+        else:
+            x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T, S=S)
+            if temporal_pos_embed is not None:
+                x_t = x_t + temporal_pos_embed
+            x_t = rearrange(self.attn_temp(x_t), "(B S) T C -> B (T S) C", T=T, S=S)
         x = x + gate_msa * x_t
 
         # 3. cross-attention to the sample's own text tokens (no gate)
@@ -568,6 +640,21 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
         raise ValueError(f"temporal_attention: expected one of {list(ATTENTION_CORES)}, got {core!r}")
     for block in model.blocks:
         block.attn_temp.core = core
+    return model
+
+
+def set_attention(model: STDiT, core: str = "sdpa") -> STDiT:
+    """Set the ``core`` of every attention of every block (spatial, temporal and cross): "sdpa" (the default) or
+    "math" (`_math_attention`: two matmuls and a float32 softmax). Returns the model.
+
+    For training small models: their sequences are short (the tiny model: 64 spatial tokens, 8 frames, 12 text
+    tokens), where compiled matmul-softmax-matmul can beat SDPA's fused kernels (docs/tiny_model.md, session 12).
+    Set it before compiling.
+    """
+    if core not in ("sdpa", "math"):
+        raise ValueError(f"attention: expected 'sdpa' or 'math', got {core!r}")
+    for block in model.blocks:
+        block.attn.core = block.attn_temp.core = block.cross_attn.core = core
     return model
 
 
