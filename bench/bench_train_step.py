@@ -10,7 +10,11 @@ Variants (same model, data and flags; each with its own compile and warm-up):
 - `blocks, padded text`: `--compile true` since session 8 (fixed shapes, no host sync);
 - `loss, padded text`: `--compile_scope loss`, the text encoder, DiT and loss as one compiled graph;
 - `loss, padded text, CUDA graphs`: the same with `--compile_mode reduce-overhead` (forward and backward replayed
-  as CUDA graphs).
+  as CUDA graphs);
+- `loss, padded text, host sync per step`: variant 4 waiting for the device once per step (what the trainer did
+  before session 12 removed the host-to-device copies of its data tables and IDDPM arrays);
+- `loss, padded text, math attention` (and `, CUDA graphs`): `--attention math`, every attention as matmul-softmax-
+  matmul instead of SDPA's kernels.
 Each reports steps/s and the host milliseconds to queue one step (the device left to run ahead), and the GPU
 busy time per step from torch.profiler, so "host-bound" is a number, not a guess.
 """
@@ -28,19 +32,20 @@ sys.path.insert(0, str(REPO))
 from bench.common import environment, print_and_save  # noqa: E402
 
 
-def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "default"):
+def make_state(batch_size: int, scope: str, padded_text: bool, mode: str = "default", attention: str = "sdpa"):
     from t2v.pipeline.train_tiny import TrainConfig, caption_token_table, compile_for_training, new_state
     from t2v.schedulers.iddpm import IDDPM
 
     torch._dynamo.reset()
     cfg = TrainConfig(device="cuda", batch_size=batch_size, patch_size=(2, 4, 4), loss_weighting="min_snr", lr=5e-4,
                       warmup_steps=100, prediction="v", temporal_pos="input", eval_prompts=0,
-                      compile=True, compile_scope=scope, compile_mode=mode)
+                      compile=True, compile_scope=scope, compile_mode=mode, attention=attention)
     state = new_state(cfg, torch.device("cuda"))
     loss_fn = compile_for_training(cfg, state.module)  # what `train` runs
     state.module.dit.static_block_inputs = padded_text  # the packed-text variants: as the trainer before session 8
     token_ids, token_mask = caption_token_table(state.module, torch.device("cuda"))
-    return state, IDDPM(num_sampling_steps=1000, prediction=cfg.prediction), token_ids, token_mask, loss_fn
+    diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction).to("cuda")  # as `train` does
+    return state, diffusion, token_ids, token_mask, loss_fn
 
 
 def steps_per_second(state, diffusion, ids, mask, loss_fn, steps: int, sync_each_step: bool) -> tuple[float, float]:
@@ -82,24 +87,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (the first ones compile)")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-5) to run; default all")
+    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-8) to run; default all")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time per step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_step.py times the GPU trainer: no CUDA device here")
     torch.backends.cuda.matmul.allow_tf32 = True
-    variants = [("blocks, packed text", "blocks", False, False, "default"),
-                ("blocks, packed text, host sync per step", "blocks", False, True, "default"),
-                ("blocks, padded text", "blocks", True, False, "default"),
-                ("loss, padded text", "loss", True, False, "default"),
-                ("loss, padded text, CUDA graphs", "loss", True, False, "reduce-overhead")]
+    variants = [("blocks, packed text", "blocks", False, False, "default", "sdpa"),
+                ("blocks, packed text, host sync per step", "blocks", False, True, "default", "sdpa"),
+                ("blocks, padded text", "blocks", True, False, "default", "sdpa"),
+                ("loss, padded text", "loss", True, False, "default", "sdpa"),
+                ("loss, padded text, CUDA graphs", "loss", True, False, "reduce-overhead", "sdpa"),
+                ("loss, padded text, host sync per step", "loss", True, True, "default", "sdpa"),
+                ("loss, padded text, math attention", "loss", True, False, "default", "math"),
+                ("loss, padded text, math attention, CUDA graphs", "loss", True, False, "reduce-overhead", "math")]
     chosen = {int(n) for n in args.only.split(",") if n} or set(range(1, len(variants) + 1))
     results = {"environment": environment(), "batch_size": args.batch_size, "variants": {}}
-    for number, (name, scope, padded, sync, mode) in enumerate(variants, 1):
+    for number, (name, scope, padded, sync, mode, attention) in enumerate(variants, 1):
         if number not in chosen:
             continue
-        state, diffusion, ids, mask, loss_fn = make_state(args.batch_size, scope, padded, mode)
+        state, diffusion, ids, mask, loss_fn = make_state(args.batch_size, scope, padded, mode, attention)
         start = time.perf_counter()
         steps_per_second(state, diffusion, ids, mask, loss_fn, args.warmup, sync_each_step=False)
         warmup_s = time.perf_counter() - start

@@ -20,6 +20,7 @@ comes from the `torch.Generator` passed in, so a batch is a pure function of (ge
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -68,6 +69,10 @@ def caption(colour: str, shape: str, motion: str, background: str) -> str:
     action = "standing still" if motion == "static" else f"moving {motion}"
     return f"a {colour} {shape} {action} on a {background} background"
 
+
+# word positions [start, stop) of each factor in every caption (`caption`): "a <colour> <shape> moving <dir> on a
+# <background> background" or "a <colour> <shape> standing still on a <background> background"
+FACTOR_WORD_SLICES = {"colour": (1, 2), "shape": (2, 3), "motion": (3, 5), "background": (7, 8)}
 
 _CAPTION = re.compile(r"^a (\w+) (\w+) (?:moving (\w+)|(standing still)) on a (\w+) background$")
 
@@ -159,6 +164,16 @@ def split_caption_indices(split: str) -> torch.Tensor:
     return torch.tensor([caption_index(*combo) for combo in _split_combinations(split)], dtype=torch.int64)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_table(name: str, device: str) -> torch.Tensor:
+    """A constant table on `device`, made once: a host-to-device copy of a small Python list blocks the host until
+    the device is idle, which would stop the trainer from queuing the next step while this one runs."""
+    if name.startswith("split:"):
+        return split_caption_indices(name[len("split:"):]).to(device)
+    values = {"directions": MOTION_DIRECTIONS, "palette": COLOURS, "backgrounds": BACKGROUNDS}[name]
+    return torch.tensor(list(values.values()), dtype=torch.float32, device=device)
+
+
 def attributes_of_index(index: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inverse of `caption_index`: int64 [B] -> dict(colour, shape, motion, background) of int64 [B]."""
     index, background = index.div(len(BACKGROUNDS), rounding_mode="floor"), index % len(BACKGROUNDS)
@@ -181,7 +196,7 @@ def sample_layout(caption_ids: torch.Tensor, spec: ShapesSpec, generator: torch.
     """
     n, device = caption_ids.shape[0], caption_ids.device
     motion = attributes_of_index(caption_ids)["motion"]
-    directions = torch.tensor(list(MOTION_DIRECTIONS.values()), dtype=torch.float32, device=device)[motion]  # [B, 2]
+    directions = _device_table("directions", str(device))[motion]  # [B, 2]
     size = _uniform(n, spec.min_size, spec.max_size, generator, device)
     travel = _uniform(n, spec.min_travel, spec.max_travel, generator, device)
     travel = torch.where(directions.abs().sum(1) > 0, travel, torch.zeros_like(travel))
@@ -217,8 +232,8 @@ def render(caption_ids: torch.Tensor, layout: dict[str, torch.Tensor], spec: Sha
     shape = attrs["shape"][:, None, None, None]
     distance = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
     coverage = (0.5 - distance).clamp(0, 1)[:, None]  # [B, 1, T, H, W]
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device)
-    backgrounds = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32, device=device)
+    palette = _device_table("palette", str(device))
+    backgrounds = _device_table("backgrounds", str(device))
     fg = palette[attrs["colour"]][:, :, None, None, None]  # [B, 3, 1, 1, 1]
     bg = backgrounds[attrs["background"]][:, :, None, None, None]
     return (bg + (fg - bg) * coverage) * 2 - 1
@@ -226,7 +241,7 @@ def render(caption_ids: torch.Tensor, layout: dict[str, torch.Tensor], spec: Sha
 
 def sample_caption_ids(batch_size: int, split: str, generator: torch.Generator, device="cpu") -> torch.Tensor:
     """int64 [B]: captions of `split` drawn uniformly with replacement."""
-    pool = split_caption_indices(split).to(device)
+    pool = _device_table(f"split:{split}", str(torch.device(device)))
     return pool[torch.randint(len(pool), (batch_size,), generator=generator, device=device)]
 
 

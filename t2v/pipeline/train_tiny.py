@@ -35,7 +35,7 @@ from torch import nn
 
 from qdiff.io import atomic_path, save_safetensors_atomic
 from t2v.data import shapes
-from t2v.models.stdit import TEMPORAL_POS
+from t2v.models.stdit import TEMPORAL_POS, set_attention
 from t2v.models.tiny_t2v import (TinyT2V, load_tiny_state_dict, read_tiny_metadata, save_tiny_t2v,
                                  tiny_state_dict)
 from t2v.schedulers.iddpm import IDDPM, PREDICTIONS
@@ -50,6 +50,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 LR_SCHEDULES = ("constant", "cosine")
 COMPILE_SCOPES = ("blocks", "loss")  # what --compile compiles
 COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile modes; reduce-overhead = CUDA graphs
+ATTENTION_CORES = ("sdpa", "math")  # `t2v.models.stdit.set_attention`
 MAX_SKIPPED_STEPS = 100  # non-finite updates tolerated over a run before it stops
 # TrainConfig fields that define the model and data: a resumed run must use the values it was started with.
 ARCHITECTURE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size", "text_d_model", "text_layers",
@@ -125,6 +126,12 @@ class TrainConfig:
         "help": "with --compile: torch.compile mode; reduce-overhead replays the compiled forward and backward as "
                 "CUDA graphs (one launch each instead of one per kernel; CPU runs ignore it). Experimental: not "
                 "timed on a GPU yet"})
+    attention: str = field(default="sdpa", metadata={
+        "help": "attention of every block while training: sdpa (fused kernels) or math (matmul, float32 softmax, "
+                "matmul; faster for the tiny model's short sequences under --compile, docs/tiny_model.md)"})
+    word_dropout: float = field(default=0.0, metadata={
+        "help": "hide each caption factor's words (colour, shape, motion, background) from the text encoder and "
+                "the DiT with this probability, per video and factor: the model learns each word's effect apart"})
     ckpt_every: int = field(default=500, metadata={"help": "save every N steps"})
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
     eval_prompts: int = field(default=18, metadata={"help": "held-out captions checked at the end; 0 = none"})
@@ -156,6 +163,10 @@ class TrainConfig:
             raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
         if self.x0_weight_floor < 0:
             raise ValueError(f"x0_weight_floor must be >= 0, got {self.x0_weight_floor}")
+        if self.attention not in ATTENTION_CORES:
+            raise ValueError(f"attention: expected one of {ATTENTION_CORES}, got {self.attention!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.high_t_fraction <= 1.0:
             raise ValueError(f"high_t_fraction must be in [0, 1], got {self.high_t_fraction}")
         if not 0 <= self.high_t_start < 1000:
@@ -206,6 +217,7 @@ def build_tiny_model(cfg: TrainConfig) -> TinyT2V:
         torch.manual_seed(cfg.seed)
         module = TinyT2V(cfg.dit_config(), cfg.text_config(), shapes.vocabulary(), prediction=cfg.prediction)
         init_dit_weights(module.dit)
+    set_attention(module.dit, cfg.attention)
     return module
 
 
@@ -346,6 +358,17 @@ def update_ema(ema: nn.Module, module: nn.Module, decay: float, keep: torch.Tens
     torch._foreach_add_(ema_params, steps)
 
 
+def drop_caption_words(mask: torch.Tensor, probability: float) -> torch.Tensor:
+    """Word dropout: mask [B, L] of grammar captions -> a copy in which each factor's words
+    (`shapes.FACTOR_WORD_SLICES`) are masked out with `probability`, independently per video and factor (global
+    RNG). Slices, not index lists: no host-to-device copy."""
+    kept = mask.clone()
+    for start, stop in shapes.FACTOR_WORD_SLICES.values():
+        hidden = torch.rand(mask.shape[0], device=mask.device) < probability  # [B]
+        kept[:, start:stop] = kept[:, start:stop].masked_fill(hidden[:, None], 0)
+    return kept
+
+
 def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
     """int64 [B] training timesteps from the global RNG: uniform on [0, num_steps), except that the first
     round(high_t_fraction·B) rows are uniform on [high_t_start, num_steps)."""
@@ -411,6 +434,8 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     device = token_ids.device
     videos, caption_ids = shapes.sample_batch(cfg.batch_size, state.data_generator, cfg.split, cfg.spec(), device)
     ids, mask = token_ids[caption_ids], token_mask[caption_ids]  # [B, L] each
+    if cfg.word_dropout > 0:
+        mask = drop_caption_words(mask, cfg.word_dropout)
     index = sample_timesteps(cfg, diffusion.num_sampling_steps, device)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step)
@@ -579,7 +604,8 @@ def train(cfg: TrainConfig, outdir, resume: bool = False, overwrite: bool = Fals
         torch.backends.cudnn.allow_tf32 = True
     state = load_train_state(cfg, state_path, device) if resume else new_state(cfg, device)
     autocast = cfg.amp and device.type == "cuda"
-    diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction)  # the full process: index = timestep
+    # the full process (index = timestep), its arrays on the device: no host-to-device copy per step
+    diffusion = IDDPM(num_sampling_steps=1000, prediction=cfg.prediction).to(device)
     token_ids, token_mask = caption_token_table(state.module, device)
     loss_fn = compile_for_training(cfg, state.module) if cfg.compile else batch_loss
     params = sum(p.numel() for p in state.module.parameters())

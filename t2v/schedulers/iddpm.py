@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -192,6 +192,13 @@ class IDDPM:
         self.num_train_steps = num_train_steps
         kept = space_timesteps(num_train_steps, num_sampling_steps)
         self.schedule = RespacedSchedule.build(linear_betas(num_train_steps), kept)
+
+    def to(self, device: torch.device | str) -> "IDDPM":
+        """Move the schedule's arrays to `device` (in place; returns self). A trainer on a GPU then indexes them
+        there: a host-to-device copy per step would block the host until the device is idle. Same numbers."""
+        self.schedule = replace(self.schedule, **{f.name: getattr(self.schedule, f.name).to(device)
+                                                  for f in fields(self.schedule)})
+        return self
 
     @property
     def timestep_map(self) -> torch.Tensor:

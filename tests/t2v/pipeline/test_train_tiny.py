@@ -14,8 +14,9 @@ from t2v.models.tiny_t2v import TinyT2V, read_tiny_metadata, tiny_state_dict
 from t2v.pipeline.build import build_model
 from t2v.pipeline.config import ConfigError, load_inference_config
 from t2v.pipeline.sample import build_pipeline, generate_videos
-from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table, lr_at,
-                                     mse_weights, new_state, sample_timesteps, train, train_step)
+from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
+                                     drop_caption_words, lr_at, mse_weights, new_state, sample_timesteps, train,
+                                     train_step)
 from t2v.pipeline.video_io import read_video
 from t2v.schedulers.iddpm import IDDPM
 from t2v.scripts import train_tiny as train_tiny_cli
@@ -352,3 +353,59 @@ def test_lr_schedules():
     for bad in (dict(lr_schedule="linear"), dict(lr_final_ratio=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
+
+
+def test_factor_word_slices_match_every_caption():
+    for text in shapes.all_caption_list():
+        words = text.split()
+        attrs = shapes.parse(text)
+        colour, shape, motion, background = (words[slice(*shapes.FACTOR_WORD_SLICES[k])]
+                                             for k in ("colour", "shape", "motion", "background"))
+        assert colour == [attrs["colour"]] and shape == [attrs["shape"]] and background == [attrs["background"]]
+        assert motion == (["standing", "still"] if attrs["motion"] == "static" else ["moving", attrs["motion"]])
+
+
+def test_word_dropout_hides_whole_factors_at_the_asked_rate():
+    module = build_tiny_model(TrainConfig(**MICRO))
+    _, mask = caption_token_table(module, "cpu")
+    mask = mask[torch.zeros(4000, dtype=torch.long)]  # one caption, 4000 times
+    torch.manual_seed(0)
+    kept = drop_caption_words(mask, 0.3)
+    assert kept.dtype == mask.dtype and torch.equal(mask[0], caption_token_table(module, "cpu")[1][0])
+    hidden = mask - kept  # 1 where a word was hidden
+    assert hidden.min() == 0
+    factor_positions = set()
+    for start, stop in shapes.FACTOR_WORD_SLICES.values():
+        block = hidden[:, start:stop]
+        assert (block == block[:, :1]).all()  # a factor's words go together
+        assert block[:, 0].float().mean().item() == pytest.approx(0.3, abs=0.03)
+        factor_positions.update(range(start, stop))
+    others = [i for i in range(mask.shape[1]) if i not in factor_positions]
+    assert hidden[:, others].sum() == 0  # "a", "on", "background", the end token and padding stay as they were
+    assert torch.equal(drop_caption_words(mask, 0.0), mask)
+    with pytest.raises(ValueError, match="word_dropout"):
+        TrainConfig(word_dropout=1.0)
+
+
+def test_math_attention_trains_the_same_function():
+    """--attention math (matmuls + float32 softmax) gives the same loss as SDPA, padded text mask included."""
+    losses = {}
+    for core in ("sdpa", "math"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(**{**MICRO, "attention": core, "word_dropout": 0.3})
+        state = new_state(cfg, torch.device("cpu"))
+        state.module.dit.static_block_inputs = True  # the compiled trainer's padded-text path (key mask)
+        assert {b.cross_attn.core for b in state.module.dit.blocks} == {core}
+        ids, mask = caption_token_table(state.module, "cpu")
+        diffusion = IDDPM(num_sampling_steps=1000).to("cpu")
+        losses[core] = [train_step(state, diffusion, ids, mask, autocast=False)["loss"].item() for _ in range(3)]
+    assert losses["math"] == pytest.approx(losses["sdpa"], rel=1e-4)
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(attention="flash")
+
+
+def test_iddpm_to_moves_every_schedule_array():
+    diffusion = IDDPM(num_sampling_steps=1000).to("meta")
+    arrays = dataclasses.asdict(diffusion.schedule)
+    assert arrays and all(value.device.type == "meta" for value in arrays.values())
+    assert diffusion.timestep_map.device.type == "meta"
