@@ -15,6 +15,9 @@ Variants (rows of the step table; each in its own try/except, an error is printe
                                 attention (compile_blocks(temporal_attention="short_triton")) and the fused activation
                                 quantization (compile_model(int_act_quant="fused"): the producer LayerNorm + modulate
                                 or GELU inside the FP8 quantization kernel)
+  <model>, fast, permuted temporal  with --fast --permuted_temporal: the fast rows with the temporal attention on
+                                permuted [B*S, T, C] copies (Attention.frame_major off), the layout before session 12;
+                                the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
   <variant> eager               with --eager
   w4a8_fp8 compiled, cached     with --cache_w4: the e4m3 copy of the integer codes kept in memory (no unpacking)
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import sys
 import time
@@ -68,6 +70,9 @@ def parse_args(argv=None):
                    help="anchor_block_stack.py (a copy of ../shared/bench/anchor_block_stack.py); skipped if absent")
     p.add_argument("--cache_w4", action="store_true",
                    help="also time W4A8 with the e4m3 copy of its integer weight codes cached (FP8Linear.cache_weight)")
+    p.add_argument("--permuted_temporal", action="store_true",
+                   help="with --fast: also the fast rows with the temporal attention on permuted [B*S, T, C] copies "
+                        "(Attention.frame_major off), the layout before session 12, side by side")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--depth", type=int, default=28, help="blocks kept (28 = the whole STDiT-XL/2)")
@@ -183,9 +188,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_fp8_step needs a CUDA GPU (FP8 tensor cores)", file=sys.stderr)
         return 2
-    from bench.bench_int_step import (anchor_block_ms, dit_weight_bytes, load_anchor, print_breakdown, quantized_model,
-                                      relative_l2, step_breakdown, time_step)
-    from bench.common import build_model, environment, inputs
+    from bench.bench_int_step import (anchor_block_ms, dit_weight_bytes, load_anchor, quantized_model, record_breakdown,
+                                      relative_l2, time_step)
+    from bench.common import StepLog, build_model, environment, inputs, release
     from qdiff.api import compile_model
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.cuda_graphs import CUDAGraphForward
@@ -204,23 +209,8 @@ def main(argv=None) -> int:
         results["gemms"] = old.get("gemms", [])
     results["scaled_mm"] = {str(dtype).removeprefix("torch."): scaled_mm_supported("cuda", dtype)
                             for dtype in (torch.bfloat16, torch.float16, torch.float32)}
-    run_errors: list[str] = []
-
-    def save() -> None:
-        results["errors"] = [e for e in results["errors"] if e not in run_errors] + run_errors
-        clean = json.loads(json.dumps(results, default=str))
-        (out_dir / "fp8_step.json").write_text(json.dumps(clean, indent=1))
-        (out_dir / "fp8_step.md").write_text(markdown(clean))
-
-    def fail(label: str, exc: Exception) -> None:
-        print(f"{label}: FAILED {exc!r}", flush=True)
-        results["steps"][label] = {"error": repr(exc)[:300]}
-        run_errors.append(f"{label}: {exc!r}"[:600])
-
-    def release() -> None:
-        torch._dynamo.reset()
-        gc.collect()
-        torch.cuda.empty_cache()
+    log = StepLog(results, out_dir, "fp8_step", markdown)  # fp8_step.json + fp8_step.md
+    save, fail, run_errors = log.save, log.fail, log.run_errors
 
     def record(label: str, model, timing: dict, profile: bool) -> None:
         results["steps"][label] = {"ms": timing["ms"], "peak_gib": timing["peak_gib"],
@@ -228,11 +218,7 @@ def main(argv=None) -> int:
                                    "first_call_s": timing["first_call_s"]}
         print(f"{label}: {timing['ms']:.1f} ms (first call {timing['first_call_s']:.0f} s)", flush=True)
         if profile and not args.no_profile:
-            try:
-                results["breakdown"][label] = step_breakdown(timing["step"])
-                print_breakdown(label, results["breakdown"][label])
-            except Exception as exc:  # noqa: BLE001
-                run_errors.append(f"{label} profile: {exc!r}"[:600])
+            record_breakdown(results, run_errors, label, timing["step"])
 
     def run_variants(name: str, model, reference: torch.Tensor | None, numerics: dict, **compile_kwargs) -> None:
         """Eager (optional), compiled and CUDA-graph (optional) steps of the bf16 `model`; numerics vs `reference`.
@@ -284,6 +270,13 @@ def main(argv=None) -> int:
         numerics["fast: attentions not merged"] = len(skipped)
         if skipped:
             print(f"{name}: {len(skipped)} attentions not merged, e.g. {next(iter(skipped.items()))}", flush=True)
+        if args.permuted_temporal:  # the fast rows before session 12: temporal attention on permuted copies
+            for block in model.blocks:
+                block.attn_temp.frame_major = False
+            run_variants(f"{name} fast, permuted temporal", model, reference, {}, temporal_attention="short_triton",
+                         int_act_quant="fused")
+            for block in model.blocks:
+                block.attn_temp.frame_major = "auto"
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
         numerics.update({f"fast: {key}": value for key, value in fast.items()})
@@ -373,10 +366,7 @@ def main(argv=None) -> int:
             results["gemms"] = gemm_table(max(args.iters, 20), args.warmup)
         except Exception as exc:  # noqa: BLE001
             run_errors.append(f"gemm table: {exc!r}")
-    results["wall_s"] = time.time() - started
-    save()
-    print((out_dir / "fp8_step.md").read_text())
-    return 0 if not run_errors else 1
+    return log.finish(started)
 
 
 if __name__ == "__main__":

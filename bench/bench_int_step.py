@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import sys
@@ -55,7 +54,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import build_model, cuda_time, environment, inputs  # noqa: E402
+from bench.common import StepLog, build_model, cuda_time, environment, inputs, release  # noqa: E402
 
 TOKENS = 2 * 16 * 1024  # CFG batch 2 · 16 frames · 1024 patches
 TEXT_TOKENS = 2 * 40  # packed valid text tokens of the two samples (inputs(): 40 valid of 120)
@@ -134,6 +133,15 @@ def print_breakdown(label: str, row: dict) -> None:
     for kind, items in row["top"].items():
         for ms, name, count in items:
             print(f"    {kind:9s} {ms:7.2f} ms  x{count:<5d} {name}", flush=True)
+
+
+def record_breakdown(results: dict, run_errors: list[str], label: str, step) -> None:
+    """results["breakdown"][label]: the step_breakdown of step(), printed; a profiler error goes to run_errors."""
+    try:
+        results["breakdown"][label] = step_breakdown(step)
+        print_breakdown(label, results["breakdown"][label])
+    except Exception as exc:  # noqa: BLE001
+        run_errors.append(f"{label} profile: {exc!r}"[:600])
 
 
 def load_anchor(path: Path) -> dict:
@@ -419,23 +427,8 @@ def main(argv=None) -> int:
         results["errors"] = old.get("errors", [])
         if "gemms" in old:
             results["gemms"] = old["gemms"]
-    run_errors: list[str] = []
-
-    def save() -> None:
-        results["errors"] = [e for e in results["errors"] if e not in run_errors] + run_errors
-        clean = json.loads(json.dumps(results, default=str))
-        (out_dir / "int_step.json").write_text(json.dumps(clean, indent=1))
-        (out_dir / "int_step.md").write_text(markdown(clean))
-
-    def fail(label: str, exc: Exception) -> None:
-        print(f"{label}: FAILED {exc!r}", flush=True)
-        results["steps"][label] = {"error": repr(exc)[:300]}
-        run_errors.append(f"{label}: {exc!r}"[:600])
-
-    def release() -> None:
-        torch._dynamo.reset()  # drop compiled graphs (and their memory) between variants
-        gc.collect()
-        torch.cuda.empty_cache()
+    log = StepLog(results, out_dir, "int_step", markdown)  # int_step.json + int_step.md
+    save, fail, run_errors = log.save, log.fail, log.run_errors
 
     # 1. the bare bf16 block stack (anchor), first: nothing else on the GPU yet
     anchor_ms = None
@@ -477,11 +470,7 @@ def main(argv=None) -> int:
                                    "bf16_ms": bf16_ms, "anchor_ms": anchor_ms}
         print(f"{label}: {timing['ms']:.1f} ms (first call {timing['first_call_s']:.0f} s)", flush=True)
         if profile and not args.no_profile:
-            try:
-                results["breakdown"][label] = step_breakdown(timing["step"])
-                print_breakdown(label, results["breakdown"][label])
-            except Exception as exc:  # noqa: BLE001
-                run_errors.append(f"{label} profile: {exc!r}"[:600])
+            record_breakdown(results, run_errors, label, timing["step"])
 
     def record_graphed(label: str, model, reference: torch.Tensor, numerics: dict) -> None:
         """With --cuda_graph: the compiled `model` once more, its step captured as a CUDA graph and replayed."""
@@ -633,10 +622,7 @@ def main(argv=None) -> int:
             results["gemms"] = gemm_table(max(args.iters, 20), args.warmup)
         except Exception as exc:  # noqa: BLE001
             run_errors.append(f"gemm table: {exc!r}")
-    results["wall_s"] = time.time() - started
-    save()
-    print((out_dir / "int_step.md").read_text())
-    return 0 if not run_errors else 1
+    return log.finish(started)
 
 
 if __name__ == "__main__":

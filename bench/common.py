@@ -1,6 +1,8 @@
-"""What the GPU benchmarks share: CUDA-event timing, the random STDiT-XL/2 and its inputs, the run environment."""
+"""What the GPU benchmarks share: CUDA-event timing, the random STDiT-XL/2 and its inputs, the run environment,
+releasing GPU memory between variants, and the result files of the step benchmarks (StepLog)."""
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -72,3 +74,40 @@ def print_and_save(results: dict, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
+
+
+def release() -> None:
+    """Drop compiled graphs (and their memory) and cached GPU blocks: between the variants of a benchmark."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+class StepLog:
+    """A step benchmark's `results` (with "steps" and "errors"), written to out_dir/<stem>.json and <stem>.md
+    (markdown(results)) by save(); `run_errors` are this run's errors, which replace the same ones of a merged run."""
+
+    def __init__(self, results: dict, out_dir: Path, stem: str, markdown):
+        self.results, self.out_dir, self.stem, self.markdown = results, out_dir, stem, markdown
+        self.run_errors: list[str] = []
+
+    def save(self) -> None:
+        results, run_errors = self.results, self.run_errors
+        results["errors"] = [e for e in results["errors"] if e not in run_errors] + run_errors
+        clean = json.loads(json.dumps(results, default=str))
+        (self.out_dir / f"{self.stem}.json").write_text(json.dumps(clean, indent=1))
+        (self.out_dir / f"{self.stem}.md").write_text(self.markdown(clean))
+
+    def fail(self, label: str, exc: Exception) -> None:
+        """Print the error and record it as the row `label` and as an error of this run."""
+        print(f"{label}: FAILED {exc!r}", flush=True)
+        self.results["steps"][label] = {"error": repr(exc)[:300]}
+        self.run_errors.append(f"{label}: {exc!r}"[:600])
+
+    def finish(self, started: float) -> int:
+        """The last save, with the run's wall seconds since `started`; prints the markdown and returns the exit status
+        (1 when this run had errors)."""
+        self.results["wall_s"] = time.time() - started
+        self.save()
+        print((self.out_dir / f"{self.stem}.md").read_text())
+        return 0 if not self.run_errors else 1

@@ -36,7 +36,7 @@ import torch
 
 from qdiff.kernels.act_quant import smooth_input
 from qdiff.kernels.fp8_quant import FP8_DTYPE, FP8_FORMAT, exact_in_e4m3, quantize_fp8_per_token, to_fp8
-from qdiff.lowbit.int_linear import IntExportError, LowBitLinear, QuantizedInput, copy_side_terms
+from qdiff.lowbit.int_linear import IntExportError, LowBitLinear, QuantizedInput, check_export_basics, copy_side_terms
 from qdiff.lowbit.pack import code_offset, container_for, pack_codes, unpack_codes
 from qdiff.quantizers.uniform import FP8ActQuantizer, quant_range
 
@@ -286,10 +286,7 @@ class FP8Linear(LowBitLinear):
     def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         """x [..., K] (temporal layers: [B·S, T, K]) or a QuantizedInput made for this layer -> y [..., N] in x's
         dtype."""
-        if self.frame_scale is not None and (len(x.shape) < 2 or x.shape[-2] != self.num_frames):
-            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        self._check_input(x)
         if isinstance(x, QuantizedInput):
             if self not in x.acts:
                 raise ValueError("this QuantizedInput was not quantized for this layer")
@@ -356,17 +353,8 @@ def is_fp8_layer(layer) -> bool:
 
 def _check_fp8_exportable(layer) -> None:
     """Raise IntExportError naming what keeps `layer` off the FP8 path."""
-    if layer.folded_weight is not None:
-        raise IntExportError("the layer is folded (fold_model): FP8 export needs the unfolded calibrated model "
-                             "(load the quant params without --fold)")
-    if layer.weight_quantizer is None or layer.act_quantizer is None:
-        missing = "weights" if layer.weight_quantizer is None else "activations"
-        raise IntExportError(f"its {missing} stay in floating point: the FP8 path needs both sides quantized "
-                             "(put the layer in fp_layers to keep it nn.Linear)")
-    if not is_fp8_layer(layer):
-        raise IntExportError("its activations are not FP8 (act.format: fp8_e4m3)")
-    if layer.num_ranges != 1:
-        raise IntExportError(f"it has {layer.num_ranges} timestep ranges: FP8 export supports calib.timestep_ranges = 1")
+    check_export_basics(layer, "FP8",
+                        wrong_path=None if is_fp8_layer(layer) else "its activations are not FP8 (act.format: fp8_e4m3)")
     if layer.step_bits:
         raise IntExportError("its bits change per timestep (step_bits): export holds one weight per layer")
     wq = layer.weight_quantizer

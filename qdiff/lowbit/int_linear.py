@@ -109,7 +109,7 @@ class SharedInputQuant:
 class LowBitLinear(nn.Module):
     """What the low-bit inference layers (IntLinear, FP8Linear) share: their buffers follow device moves but not dtype
     casts (codes and float32 scales must survive model.to(torch.bfloat16); float8 even counts as floating point),
-    their persistent bytes, and the repr of the float terms around the GEMM."""
+    their persistent bytes, the input shape check of forward, and the repr of the float terms around the GEMM."""
 
     def _apply(self, fn, recurse=True):
         target = fn(torch.zeros((), device=self.w_scale.device)).device
@@ -121,6 +121,13 @@ class LowBitLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of every persistent tensor of the layer (codes, scales, zero points, bias, TQE, balancing)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def _check_input(self, x: torch.Tensor | QuantizedInput) -> None:
+        """ValueError unless x is [..., K] (temporal layers: [B·S, T, K])."""
+        if self.frame_scale is not None and (len(x.shape) < 2 or x.shape[-2] != self.num_frames):
+            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
 
     def _side_terms_repr(self) -> list[str]:
         parts = [f"rank_out={self.rank_out}"] if self.rank_out else []
@@ -318,10 +325,7 @@ class IntLinear(LowBitLinear):
     def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         """x [..., K] (temporal layers: [B·S, T, K]) or a QuantizedInput made for this layer -> y [..., N] in x's
         dtype."""
-        if self.frame_scale is not None and (len(x.shape) < 2 or x.shape[-2] != self.num_frames):
-            raise ValueError(f"temporal layer expects x [B*S, {self.num_frames}, d_in], got {tuple(x.shape)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        self._check_input(x)
         self._prepare()
         if isinstance(x, QuantizedInput):
             if self not in x.acts:
@@ -385,17 +389,27 @@ def _static_range(quantizer: StaticActQuantizer) -> tuple[float, float]:
     return float(delta), float(zero)
 
 
-def _check_exportable(layer) -> None:
-    """Raise IntExportError naming what keeps `layer` off the integer path."""
+def check_export_basics(layer, path: str, wrong_path: str | None = None) -> None:
+    """The checks every low-bit export path shares: raise IntExportError when `layer` is folded, keeps a side in
+    floating point or has several timestep ranges. `path` names the target in the messages ("integer", "FP8");
+    `wrong_path`, when given, is the reason the layer belongs to another path, raised once both sides are known to be
+    quantized (before the timestep-range check)."""
     if layer.folded_weight is not None:
-        raise IntExportError("the layer is folded (fold_model): integer export needs the unfolded calibrated model "
+        raise IntExportError(f"the layer is folded (fold_model): {path} export needs the unfolded calibrated model "
                              "(load the quant params without --fold)")
     if layer.weight_quantizer is None or layer.act_quantizer is None:
         missing = "weights" if layer.weight_quantizer is None else "activations"
-        raise IntExportError(f"its {missing} stay in floating point: the integer path needs both sides quantized "
+        raise IntExportError(f"its {missing} stay in floating point: the {path} path needs both sides quantized "
                              "(put the layer in fp_layers to keep it nn.Linear)")
+    if wrong_path is not None:
+        raise IntExportError(wrong_path)
     if layer.num_ranges != 1:
-        raise IntExportError(f"it has {layer.num_ranges} timestep ranges: integer export supports calib.timestep_ranges = 1")
+        raise IntExportError(f"it has {layer.num_ranges} timestep ranges: {path} export supports calib.timestep_ranges = 1")
+
+
+def _check_exportable(layer) -> None:
+    """Raise IntExportError naming what keeps `layer` off the integer path."""
+    check_export_basics(layer, "integer")
     w_cfg = layer.weight_quantizer.cfg
     if w_cfg.group_size not in (None, layer.in_features):
         raise IntExportError(f"weight.group_size={w_cfg.group_size}: the integer kernels support per-channel weights only")
