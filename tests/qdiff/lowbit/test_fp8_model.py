@@ -37,6 +37,7 @@ def model_for(yaml, overrides=()):
     ("configs/quant/w4a8_fp8.yaml", [], {"int", "fp8_e4m3"}),  # attention W4 codes, MLP W8 FP8
     ("configs/quant/w4a8_fp8.yaml", ["balance.method=smooth_rotate"], {"int", "fp8_e4m3"}),
     ("configs/quant/w4a8_fp8.yaml", ["tqe={rank: 4, rank_out: 1, frame_scale: true}"], {"int", "fp8_e4m3"}),
+    ("configs/quant/w4a8_fp8_uniform.yaml", [], {"int"}),  # every weight W4 codes, the MLPs too
 ])
 def test_fp8_model_matches_fake_quant(yaml, overrides, w_formats):
     fp, model = model_for(yaml, overrides)
@@ -49,7 +50,7 @@ def test_fp8_model_matches_fake_quant(yaml, overrides, w_formats):
     layers = dict(fp8_layers(model))
     assert len(layers) == 2 * 13 and not list(int_layers(model))
     assert {layer.w_format for layer in layers.values()} == w_formats
-    assert layers["blocks.0.mlp.fc1"].w_format == "fp8_e4m3"
+    assert layers["blocks.0.mlp.fc1"].w_format == ("int" if w_formats == {"int"} else "fp8_e4m3")
     error = relative(out, fake)
     assert error <= 1e-4, error  # the same codes; float32 summation order only
     assert relative(out, reference) > 10 * error  # quantization itself is visible
