@@ -30,12 +30,16 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each STDiT block (t2v.models.stdit.compile_blocks): fuses the elementwise "
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
-    p.add_argument("--int_act_quant", choices=("torch", "kernel", "fused"), default="torch",
+    p.add_argument("--fast", action="store_true",
+                   help="the fastest settings measured on an H100 (docs/benchmarks.md, session 12): --compile "
+                        "--cuda_graph --merge_qkv --temporal_attention short_triton --int_act_quant fused (the last "
+                        "for --hardware layers); flags given explicitly win; needs a CUDA GPU")
+    p.add_argument("--int_act_quant", choices=("torch", "kernel", "fused"), default=None,
                    help="with --compile and --hardware: how the integer and FP8 layers quantize their inputs. "
                         "torch: plain ops the compiler fuses into their producers (default); kernel: our Triton "
                         "kernel; fused: our Triton kernel with LayerNorm + modulate and GELU inside it and "
                         "approximate division (the fastest, docs/benchmarks.md; a code may move by one step on a tie)")
-    p.add_argument("--temporal_attention", choices=("math", "sdpa", "short_triton"), default="math",
+    p.add_argument("--temporal_attention", choices=("math", "sdpa", "short_triton"), default=None,
                    help="with --compile: the temporal attention's core (t2v.models.stdit.set_temporal_attention). "
                         "math: matmul-softmax-matmul (default); sdpa; short_triton: our Triton kernel for N <= 32 "
                         "frames (6x faster than cuDNN's SDPA on an H100, docs/benchmarks.md)")
@@ -47,6 +51,23 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                    help="with --compile on a GPU: replay each DiT call as one CUDA graph (qdiff.cuda_graphs), so "
                         "the host no longer limits the step (W8A8 with --int_act_quant fused: 190 -> 151 ms per "
                         "XL/2 step on an H100); not for models whose quantization changes per timestep")
+
+
+# speed flags with a default that --fast changes: (default, with --fast)
+SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "int_act_quant": ("torch", "fused")}
+
+
+def resolve_speed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the speed flags left unset: their defaults, or with --fast the fastest measured settings (--compile,
+    --cuda_graph, --merge_qkv, the Triton temporal attention, fused activation quantization). Flags given explicitly
+    keep their values. Returns args."""
+    fast = getattr(args, "fast", False)
+    for name, (default, fastest) in SPEED_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, fastest if fast else default)
+    if fast:
+        args.compile = args.cuda_graph = args.merge_qkv = True
+    return args
 
 
 def compile_if_requested(model, args) -> None:
@@ -75,7 +96,7 @@ def cuda_graph_if_requested(pipe, args) -> None:
         raise ValueError("--cuda_graph needs --compile (the compiled DiT takes fixed-shape inputs without host "
                          "synchronisation, which a CUDA graph requires)")
     if pipe.device.type != "cuda":
-        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {pipe.device}")
+        raise ValueError(f"--cuda_graph (and --fast) needs a CUDA device; this run is on {pipe.device}")
     from qdiff.api import per_step_layers
     from qdiff.cuda_graphs import CUDAGraphForward
 

@@ -12,14 +12,14 @@ import logging
 import sys
 
 from t2v.scripts._common import (add_common_args, add_compile_arg, compile_if_requested, cuda_graph_if_requested,
-                                 fail, resolve_run, setup_logging)
+                                 fail, resolve_run, resolve_speed_args, setup_logging)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     add_compile_arg(p)
-    return p.parse_args(argv)
+    return resolve_speed_args(p.parse_args(argv))
 
 
 def main(argv=None) -> int:

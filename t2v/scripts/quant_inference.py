@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from t2v.scripts._common import (add_common_args, add_compile_arg, compile_if_requested, cuda_graph_if_requested,
-                                 fail, resolve_run, setup_logging)
+                                 fail, resolve_run, resolve_speed_args, setup_logging)
 
 QUANT_CONFIG_NAME = "quant_config.yaml"
 QUANT_PARAMS_NAME = "quant_params.safetensors"
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--int_backend", choices=("auto", "torch", "triton"), default="auto",
                    help="--hardware kernels: auto = Triton on CUDA, torch integer ops elsewhere (FP8 layers: "
                         "torch._scaled_mm where supported; torch = their float32 reference; triton = _scaled_mm)")
-    args = p.parse_args(argv)
+    args = resolve_speed_args(p.parse_args(argv))
     args.hardware = args.hardware or args.int_weights is not None
     if args.hardware and args.fold:
         p.error("--fold applies to the fake-quant model; --hardware weights are integer already")

@@ -133,3 +133,18 @@ def test_cuda_graph_flag_errors(calib_dir, tmp_path, capsys):
     assert pipe.runner is None
     cuda_graph_if_requested(pipe, argparse.Namespace(compile=True, cuda_graph=False))
     assert pipe.runner is None
+
+
+def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win():
+    base = [CONFIG, "--calib_dir", "unused"]
+    plain = quant_inference.parse_args(base)
+    assert (plain.compile, plain.cuda_graph, plain.merge_qkv) == (False, False, False)
+    assert (plain.temporal_attention, plain.int_act_quant) == ("math", "torch")
+    fast = quant_inference.parse_args([*base, "--hardware", "--fast"])
+    assert (fast.compile, fast.cuda_graph, fast.merge_qkv) == (True, True, True)
+    assert (fast.temporal_attention, fast.int_act_quant) == ("short_triton", "fused")
+    mixed = quant_inference.parse_args([*base, "--fast", "--temporal_attention", "sdpa", "--int_act_quant", "kernel"])
+    assert (mixed.temporal_attention, mixed.int_act_quant, mixed.compile) == ("sdpa", "kernel", True)
+    fp = inference.parse_args([CONFIG, "--fast"])
+    assert (fp.compile, fp.cuda_graph, fp.merge_qkv, fp.temporal_attention) == (True, True, True, "short_triton")
+    assert inference.parse_args([CONFIG]).temporal_attention == "math"
