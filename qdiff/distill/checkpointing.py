@@ -18,6 +18,20 @@ and their difference says nothing (the probe before issue 4's fix read it as "no
 walked through ~28 out-of-memory probes back to all checkpointed). What each unchecked block adds is
 visible at the end of the forward: the memory still allocated there, with one block unchecked minus
 with none, is that block's saved activations minus the input a checkpointed block keeps.
+
+`compiled` turns inductor's mix-order reduction off (`TRAINING_INDUCTOR_OPTIONS`). That fusion (Triton
+backends only, on by default in recent torch) computes a row and a column reduction of one tensor in one
+kernel. In the backward of a rank-1 TQE post term W_eff = Q(W') + b_out·a_out those are grad(b_out) =
+Σ_cols(G·a_out) [d_out, 1] and grad(a_out) = Σ_rows(G·b_out) [1, d_in] of the same G = ∂L/∂W_eff, and
+inductor's size heuristics (torch 2.13: d_out·d_in ≥ 5·2^20, d_out ≥ 4096, d_out ≥ 2·d_in) pick it in
+STDiT-XL/2 for `mlp.fc1` only (G [4608, 1152]), never in the tiny preset. The torch 2.11 of the H100 runs
+returned that column sum as [d_in], and autograd refused it: "CompiledFunctionBackward returned an invalid
+gradient at index 103 - got [1152] but expected shape compatible with [1, 1152]" (input 103 of a block's
+graph is `mlp.fc1.lora_a_out`; pytorch/pytorch#178080, fixed upstream by #178098, which 2.13 has). The same
+fusion had silent wrong-gradient bugs too (#190796, #193061, #195845). Without it these sums are ordinary
+reductions (only their summation order differs). Nothing else in the distillation backward should be a
+candidate (the blocks' LayerNorms have no affine parameters and everything but TQE terms and Δ is frozen), so
+little speed is at stake (not measured).
 """
 from __future__ import annotations
 
@@ -32,7 +46,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["CheckpointPlan", "checkpointed", "compiled", "plan_checkpoint_count", "probe_checkpoint_count"]
+__all__ = ["TRAINING_INDUCTOR_OPTIONS", "CheckpointPlan", "checkpointed", "compiled", "plan_checkpoint_count",
+           "probe_checkpoint_count", "training_compile_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +72,23 @@ def checkpointed(modules: Sequence[nn.Module]):
             _restore_forward(module, before)
 
 
+# Inductor options of the compiled training blocks (see the module docstring); those the installed torch
+# does not know are left out (mix-order reduction exists from torch 2.10 on).
+TRAINING_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
+
+
 @contextmanager
 def compiled(modules: Sequence[nn.Module], **compile_kwargs):
     """For the duration, each of `modules` runs `torch.compile(module.forward, dynamic=False, **compile_kwargs)`.
 
+    With the inductor backend (the default) the compile also gets `TRAINING_INDUCTOR_OPTIONS` (mix-order
+    reduction off: with it, torch 2.11 returned the gradient of STDiT-XL/2's `mlp.fc1.lora_a_out` [1, 1152]
+    as [1152]; module docstring); options or a mode given by the caller are kept, an option given explicitly wins.
     Inside `checkpointed`, the checkpoint wraps the compiled forward (the recompute runs the compiled code
     again). Parameters and state dicts are untouched; the eager forward is back on exit.
     """
     modules = list(modules)
-    compile_kwargs = {"dynamic": False, **compile_kwargs}
+    compile_kwargs = training_compile_kwargs(**compile_kwargs)
     previous = [vars(module).get("forward") for module in modules]
     for module in modules:
         module.forward = torch.compile(module.forward, **compile_kwargs)
@@ -74,6 +97,27 @@ def compiled(modules: Sequence[nn.Module], **compile_kwargs):
     finally:
         for module, before in zip(modules, previous):
             _restore_forward(module, before)
+
+
+def training_compile_kwargs(**compile_kwargs) -> dict:
+    """The `torch.compile` keyword arguments `compiled` uses: dynamic=False, plus, for inductor,
+    `TRAINING_INDUCTOR_OPTIONS` merged into `options` (a `mode` is expanded into its options first, as
+    torch.compile accepts only one of the two)."""
+    kwargs = {"dynamic": False, **compile_kwargs}
+    if kwargs.get("backend", "inductor") != "inductor":
+        return kwargs
+    from torch._inductor import config as inductor_config, list_mode_options
+
+    known = inductor_config.get_config_copy()
+    defaults = {key: value for key, value in TRAINING_INDUCTOR_OPTIONS.items() if key in known}
+    if not defaults:
+        return kwargs
+    mode = kwargs.pop("mode", None)
+    options = dict(kwargs.pop("options", None) or {})
+    if mode not in (None, "default"):
+        options = {**list_mode_options(mode, kwargs["dynamic"]), **options}
+    kwargs["options"] = {**defaults, **options}
+    return kwargs
 
 
 def _restore_forward(module: nn.Module, before) -> None:

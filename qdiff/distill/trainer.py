@@ -27,8 +27,10 @@ Speed (issue 4):
   after the forward, and a check of the chosen count; any out-of-memory probe means all checkpointed;
   on CPU all; see `qdiff.distill.checkpointing`). Which blocks are recomputed changes nothing else.
 - `cfg.compile`: each of `checkpoint_modules` runs `torch.compile(forward, dynamic=False)` for the run
-  (inside the checkpoint wrapper, so the recompute is compiled too). The first iteration (or the
-  "auto" probe) pays the compilation; a block that graph-breaks still computes the same function.
+  (inside the checkpoint wrapper, so the recompute is compiled too), with inductor's mix-order reduction
+  off (it broke the shape of STDiT-XL/2's `mlp.fc1.lora_a_out` gradient; `qdiff.distill.checkpointing`).
+  The first iteration (or the "auto" probe) pays the compilation; a block that graph-breaks still computes
+  the same function.
 - The teacher is whatever `teacher_fn` does: stage 4 passes targets computed once per calibration
   row (`t2v.pipeline.calib_data.fp_targets`) instead of running the FP model every iteration.
 
