@@ -18,6 +18,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast, permuted temporal  with --fast --permuted_temporal: the fast rows with the temporal attention on
                                 permuted [B*S, T, C] copies (Attention.frame_major off), the layout before session 12;
                                 the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)
+  <model>, fast, residual adds apart  with --fast --unfused_residual: the fast rows without the residual step in
+                                the quantization kernel (x + gate·y as its own op, as before session 12)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
   <variant> eager               with --eager
   w4a8_fp8 compiled, cached     with --cache_w4: the e4m3 copy of the integer codes kept in memory (no unpacking)
@@ -73,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--permuted_temporal", action="store_true",
                    help="with --fast: also the fast rows with the temporal attention on permuted [B*S, T, C] copies "
                         "(Attention.frame_major off), the layout before session 12, side by side")
+    p.add_argument("--unfused_residual", action="store_true",
+                   help="with --fast: also the fast rows with the residual adds as separate ops (no residual step in "
+                        "the quantization kernel, as before session 12), side by side")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--depth", type=int, default=28, help="blocks kept (28 = the whole STDiT-XL/2)")
@@ -277,6 +282,15 @@ def main(argv=None) -> int:
                          int_act_quant="fused")
             for block in model.blocks:
                 block.attn_temp.frame_major = "auto"
+        if args.unfused_residual:  # the fast rows before session 12's residual prologue: residual adds apart
+            import t2v.models.stdit as stdit
+
+            fused_residual, stdit.quantize_residual = stdit.quantize_residual, lambda *args, **kwargs: None
+            try:
+                run_variants(f"{name} fast, residual adds apart", model, reference, {},
+                             temporal_attention="short_triton", int_act_quant="fused")
+            finally:
+                stdit.quantize_residual = fused_residual
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
         numerics.update({f"fast: {key}": value for key, value in fast.items()})

@@ -22,6 +22,9 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
   fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
            LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, both tiles, exact and fast division;
            tuned_fp8_* autotuned
+  *_residual_*  act_ and fp8_ variants with the residual step in front (`fused_producers.Residual`: s = x + gate·y,
+           gated or not, y row-strided), then no producer or LayerNorm+modulate: the written s must equal the eager
+           `x + gate * y` bit for bit, codes and scales as for the variant without it
   compiled_*  torch.compile of the tiny STDiT (`compile_blocks`, fullgraph, inductor; aot_eager under the
            interpreter) vs the same model eager on the device: float (bf16), fake-quant W4A8, the IntLinear models
            (custom-op GEMM; activation quantization in plain torch, or the Triton kernel as a custom op) and the
@@ -126,6 +129,14 @@ def variants() -> list[tuple]:
             for tile in ACT_TILES:
                 out.append((f"fp8_{producer}{'_smooth' if smooth else ''}_{dtype}{'_fast' if fast else ''}_{tile}",
                             "fp8", dict(producer=producer, smooth=smooth, dtype=dtype, fast=fast, tile=tile)))
+    for producer in ("none", "layernorm_modulate"):
+        for gated in (True, False):
+            for tile in ACT_TILES:
+                name = f"{producer}_residual{'_gated' if gated else ''}_bfloat16_{tile}"
+                out.append((f"fp8_{name}", "fp8", dict(producer=producer, smooth=False, dtype="bfloat16", fast=False,
+                                                       tile=tile, residual=gated)))
+                out.append((f"act_{name}", "act", dict(producer=producer, r_out=1, dtype="bfloat16", tile=tile,
+                                                       residual=gated)))
     for frames in (False, True):
         out.append((f"proj_r1{'_frames' if frames else ''}", "proj", dict(frames=frames)))
     from qdiff.kernels.short_attention import CONFIGS as ATTENTION_CONFIGS, DEFAULT_CONFIG as DEFAULT_ATTENTION_CONFIG
@@ -165,6 +176,26 @@ def _producer(kind: str, rows: int, cols: int, dtype, device, gen):
     shift = torch.randn(batch, cols, generator=gen).to(device, dtype)
     scale = (torch.randn(batch, cols, generator=gen) * 0.3).to(device, dtype)
     return LayerNormModulate(shift, scale, rows // batch, 1e-6)
+
+
+def _residual(rows: int, cols: int, dtype, gen, gated: bool):
+    """A Residual (CPU) for x [rows, cols]: y a row-strided view, gate [B, K] or None."""
+    from qdiff.kernels.fused_producers import Residual
+
+    batch = 2 if rows % 2 == 0 else 1
+    y = (torch.randn(rows, cols + 8, generator=gen) * 3).to(dtype)[:, 4:cols + 4]
+    gate = (torch.randn(batch, cols, generator=gen) * 0.7).to(dtype) if gated else None
+    return Residual(y, gate, rows // batch)
+
+
+def _residual_on(residual, device):
+    return None if residual is None else type(residual)(*(v.to(device) if isinstance(v, torch.Tensor) else v
+                                                          for v in residual))
+
+
+def _compare_residual(s, x, residual) -> None:
+    """The kernel's s equals the eager `x + gate * y` (CPU) bit for bit."""
+    assert torch.equal(s.cpu(), residual.apply(x)), "the written residual stream differs"
 
 
 def _compare_codes(kernel, reference, exact: bool) -> str:
@@ -208,12 +239,18 @@ def check_act(params: dict, tuned: bool = False) -> str:
             kwargs["frame_factor"] = torch.rand(16, generator=gen) + 0.5
         producer = _producer(params.get("producer", "none"), rows, cols, dtype, "cpu", gen)
         symmetric = params.get("symmetric", False)
-        reference = quantize_per_token_reference(x, bits, symmetric, **kwargs, producer=producer)
+        residual = _residual(rows, cols, dtype, gen, params["residual"]) if "residual" in params else None
+        source = x if residual is None else residual.apply(x)  # the residual step: the eager ops on the CPU
+        reference = quantize_per_token_reference(source, bits, symmetric, **kwargs, producer=producer)
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
             producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))
         config = None if tuned else ACT_TILES[params["tile"]]
-        kernel = quantize_per_token_triton(x.to(device), bits, symmetric, **on_device, producer=producer, config=config)
+        kernel = quantize_per_token_triton(x.to(device), bits, symmetric, **on_device, producer=producer, config=config,
+                                           residual=_residual_on(residual, device))
+        if residual is not None:
+            kernel, s = kernel
+            _compare_residual(s, x, residual)
         lines.append(f"{rows}x{cols} A{bits}: " + _compare_codes(kernel, reference, exact=producer is None))
     return "; ".join(lines)
 
@@ -230,13 +267,17 @@ def check_fp8(params: dict, tuned: bool = False) -> str:
         x[0] = 0  # an all-zero token
         smooth = torch.rand(cols, generator=gen) + 0.5 if params.get("smooth") else None
         producer = _producer(params["producer"], rows, cols, dtype, "cpu", gen)
-        codes_ref, scale_ref = quantize_fp8_per_token_reference(x, smooth, producer)  # on the CPU: IEEE division
+        residual = _residual(rows, cols, dtype, gen, params["residual"]) if "residual" in params else None
+        source = x if residual is None else residual.apply(x)  # the residual step: the eager ops on the CPU
+        codes_ref, scale_ref = quantize_fp8_per_token_reference(source, smooth, producer)  # CPU: IEEE division
         if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
             producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))
-        codes, scale = quantize_fp8_per_token_triton(x.to(device), None if smooth is None else smooth.to(device),
-                                                     producer, config=None if tuned else ACT_TILES[params["tile"]],
-                                                     fast=params["fast"])
-        codes, scale = codes.cpu(), scale.cpu()
+        result = quantize_fp8_per_token_triton(x.to(device), None if smooth is None else smooth.to(device),
+                                               producer, config=None if tuned else ACT_TILES[params["tile"]],
+                                               fast=params["fast"], residual=_residual_on(residual, device))
+        if residual is not None:
+            _compare_residual(result[2], x, residual)
+        codes, scale = result[0].cpu(), result[1].cpu()
         steps = e4m3_steps(codes, codes_ref)
         moved = float((steps > 0).float().mean())
         if exact:

@@ -13,6 +13,10 @@ round half to even), so (c − z_c)·Δ equals their x̂ bit for bit. A6 codes l
 Also returned, for the GEMM epilogue: the code row sums Σ_k c[m, k] (asymmetric-weight correction) and,
 for TQE's post-quantizer term, proj[m, j] = f_m · Σ_k x̂[m, k]·A_out[j, k] with the optional per-row factor
 f_m = frame_factor[m mod T] (temporal layers: 1 + m_t).
+
+`quantize_per_token_residual(x, residual, bits, ...)` runs a residual step first (`fused_producers.Residual`):
+s = x + gate·y in x's dtype, returned as the new residual stream, and the codes of producer(s) as above, from one
+pass of the kernel (the reference: the eager `x + gate * y`, then `quantize_per_token_reference`).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate, producer_args
+from qdiff.kernels.fused_producers import NO_RESIDUAL, NONE, GeluTanh, LayerNormModulate, Residual, producer_args
 
 MIN_DELTA = 1e-6  # the activation quantizers' per-row floor on Δ
 
@@ -214,6 +218,31 @@ def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, 
     return x, smooth, shift, mscale, producer.rows_per_sample, float(producer.eps)
 
 
+def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> tuple:
+    """Check and lay out the residual step's inputs for x [M, K] (as `kernel_inputs` returns it): (y [M, K] with
+    unit column stride, gate [B, K] contiguous, s: the new residual stream [M, K] to write, gate rows_per_sample,
+    gate row stride, RESIDUAL kind); without a residual x stands in for the unused pointers."""
+    if residual is None:
+        return x, x, x, 1, 0, NO_RESIDUAL
+    rows, cols = x.shape
+    y = residual.y
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"{caller}: residual y: expected {x.dtype} {tuple(x.shape)}, got {y.dtype} {tuple(y.shape)}")
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    gate = residual.gate
+    if gate is None:
+        return y, x, out, 1, 0, residual.kind
+    batch = gate.shape[0]
+    if gate.shape != (batch, cols) or gate.dtype != x.dtype:
+        raise ValueError(f"{caller}: gate: expected {x.dtype} [B, {cols}], got {gate.dtype} {tuple(gate.shape)}")
+    if batch * residual.rows_per_sample != rows:
+        raise ValueError(f"Residual: {batch} samples x {residual.rows_per_sample} rows != M = {rows}")
+    gate = gate.contiguous()
+    return y, gate, out, residual.rows_per_sample, gate.stride(0), residual.kind
+
+
 def quantize_per_token_triton(
     x: torch.Tensor,
     bits: int,
@@ -225,8 +254,10 @@ def quantize_per_token_triton(
     producer: LayerNormModulate | GeluTanh | None = None,
     config: tuple[int, int, int] | None = None,
     fast: bool = False,
-) -> ActCodes:
+    residual: Residual | None = None,
+) -> ActCodes | tuple[ActCodes, torch.Tensor]:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
+    With a residual step: (ActCodes of producer(s), s [M, K]) as `quantize_per_token_residual_reference`.
 
     config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter always needs one).
     fast: the GPU's approximate float32 division (x·(1/Δ) per row, GELU and smoothing with `/`) instead of IEEE
@@ -237,6 +268,8 @@ def quantize_per_token_triton(
     import triton
 
     x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer, "quantize_per_token")
+    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind = residual_inputs(x, residual,
+                                                                                     "quantize_per_token")
     q_min, q_max, offset = grid(bits, symmetric)
     rows, cols = x.shape
     device = x.device
@@ -255,19 +288,22 @@ def quantize_per_token_triton(
         proj = scale  # unused pointers
     frames = None if frame_factor is None else frame_factor.float().contiguous()
     if rows == 0:
-        return ActCodes(codes, scale, zero, rowsum, torch.empty(0, rank, device=device) if rank else None)
+        act = ActCodes(codes, scale, zero, rowsum, torch.empty(0, rank, device=device) if rank else None)
+        return act if residual is None else (act, out)
     args = (x, smooth if smooth is not None else x, shift, mscale, codes, scale, zero, rowsum,
             post_a if kernel_rank else scale, proj,
-            frames if frames is not None else scale, rows, cols, x.stride(0), codes.stride(0), rows_per_sample,
-            shift.stride(0), 0 if frames is None else frames.shape[0],
+            frames if frames is not None else scale, y, gate, out, rows, cols, x.stride(0), codes.stride(0),
+            rows_per_sample, shift.stride(0), 0 if frames is None else frames.shape[0],
             float(static[0]) if static else 0.0, float(static[1]) if static else 0.0,
-            float(q_min), float(q_max), float(offset), MIN_DELTA, eps)
+            float(q_min), float(q_max), float(offset), MIN_DELTA, eps, y.stride(0), out.stride(0),
+            gate_rows_per_sample, stride_gate)
     flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=kernel_rank,
                  FRAMES=frames is not None and kernel_rank > 0,
-                 PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast))
-    # LayerNorm + modulate: no fma contraction. With it, LLVM fuses the modulation's bf16 multiply and add into one
-    # fma.rn.bf16 on sm_90, skipping the eager rounding of the product: 15-19% of the codes moved on an H100
-    flags["enable_fp_fusion"] = not isinstance(producer, LayerNormModulate)
+                 PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast), RESIDUAL=residual_kind)
+    # LayerNorm + modulate, and the residual step: no fma contraction. With it, LLVM fuses the modulation's bf16
+    # multiply and add into one fma.rn.bf16 on sm_90, skipping the eager rounding of the product: 15-19% of the codes
+    # moved on an H100 (the gate's product and the residual sum likewise)
+    flags["enable_fp_fusion"] = not (isinstance(producer, LayerNormModulate) or residual is not None)
     kernels = _triton_module()
     if config is None and not interpret_mode():
         kernels.act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
@@ -278,7 +314,7 @@ def quantize_per_token_triton(
     act = ActCodes(codes, scale, zero, rowsum, proj if kernel_rank else None)
     if rank > 1:
         act = act._replace(proj=project_codes_reference(act, post_a, frame_factor))
-    return act
+    return act if residual is None else (act, out)
 
 
 def project_codes_triton(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tensor | None = None,
@@ -358,3 +394,34 @@ def _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_
         x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor, kind, shift, mscale,
         rows_per_sample, eps, backend, fast)
     return ActCodes(codes, scale, zero, rowsum, proj if post_a is not None and post_a.shape[0] else None)
+
+
+def quantize_per_token_residual_reference(x: torch.Tensor, residual: Residual, bits: int, symmetric: bool = False,
+                                          smooth_scale=None, static=None, post_a=None, frame_factor=None,
+                                          producer=None) -> tuple[ActCodes, torch.Tensor]:
+    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_per_token_reference` of s: (ActCodes, s)."""
+    s = residual.apply(x)
+    return quantize_per_token_reference(s, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer), s
+
+
+def quantize_per_token_residual(x: torch.Tensor, residual: Residual, bits: int, symmetric: bool = False,
+                                smooth_scale=None, static=None, post_a=None, frame_factor=None, producer=None,
+                                backend: str = "auto", fast: bool = False) -> tuple[ActCodes, torch.Tensor]:
+    """x [M, K] -> (ActCodes of producer(s), s [M, K] in x's dtype) with s = x + gate·y (`Residual`): the residual
+    step and the quantization in one kernel pass that writes s once; dispatch as `quantize_per_token`."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        kind, shift, mscale, rows_per_sample, eps = producer_args(producer)
+        static_delta, static_zero = ((float(static[0]), float(static[1])) if static is not None
+                                     else (_ops.NO_STATIC, 0.0))
+        codes, scale, zero, rowsum, proj, s = _ops.quantize_per_token_residual_op(
+            x, residual.y, residual.gate, residual.rows_per_sample, bits, symmetric, smooth_scale, static_delta,
+            static_zero, post_a, frame_factor, kind, shift, mscale, rows_per_sample, eps, backend, fast)
+        return ActCodes(codes, scale, zero, rowsum, proj if post_a is not None and post_a.shape[0] else None), s
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
+    if use_triton:
+        return quantize_per_token_triton(x, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer,
+                                         fast=fast, residual=residual)
+    return quantize_per_token_residual_reference(x, residual, bits, symmetric, smooth_scale, static, post_a,
+                                                  frame_factor, producer)

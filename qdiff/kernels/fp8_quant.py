@@ -26,6 +26,12 @@ divides approximately in GELU and smoothing): a code may move by one step where 
 boundary (≤ 0.1% measured). (CUDA's torch divides a tensor by the Python scalar 448 through its reciprocal, so the
 eager CUDA reference's scales can differ from the kernel's in the last bit.)
 
+Residual step: `quantize_fp8_residual(x, residual, smooth_scale=None, producer=None, backend, fast)` computes
+s = x + gate·y first (`qdiff.kernels.fused_producers.Residual`, the eager `x + gate * y` rounded as eager rounds
+it), returns it as the new residual stream with the codes and scales of producer(s) / s_smooth: (codes, scale, s),
+one kernel pass (custom op `torch.ops.qdiff.quantize_fp8_per_token_residual` under torch.compile). The sum and the
+product are exact float32 operations rounded once to x's dtype, so s equals the eager one bit for bit.
+
 Integers of magnitude ≤ 16 are exact in e4m3 (3 mantissa bits), so integer weight codes minus their zero point
 are exact there when |q − z| ≤ 16: affine grids of ≤ 4 bits, symmetric grids of ≤ 5 bits (`exact_in_e4m3`).
 """
@@ -34,8 +40,8 @@ from __future__ import annotations
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.act_quant import interpret_mode, kernel_inputs, smooth_input, triton_available
-from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate, producer_args
+from qdiff.kernels.act_quant import interpret_mode, kernel_inputs, residual_inputs, smooth_input, triton_available
+from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate, Residual, producer_args
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -93,24 +99,31 @@ def quantize_fp8_per_token_reference(x: torch.Tensor, smooth_scale: torch.Tensor
 def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | None = None,
                                   producer: LayerNormModulate | GeluTanh | None = None,
                                   config: tuple[int, int, int] | None = None,
-                                  fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                  fast: bool = False, residual: Residual | None = None) -> tuple[torch.Tensor, ...]:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference,
     x [M, K] float32, float16 or bfloat16. config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter
-    always needs one). fast: one reciprocal per row instead of IEEE division (see the module docstring)."""
+    always needs one). fast: one reciprocal per row instead of IEEE division (see the module docstring).
+    residual: run the residual step first and return (codes, scale, s) as `quantize_fp8_residual_reference`."""
     import triton
 
     x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer,
                                                                     "quantize_fp8_per_token")
+    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind = residual_inputs(x, residual,
+                                                                                     "quantize_fp8_per_token")
     rows, cols = x.shape
     codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    result = (codes, scale) if residual is None else (codes, scale, out)
     if rows == 0:
-        return codes, scale
-    args = (x, x if smooth is None else smooth, shift, mscale, codes, scale, rows, cols, x.stride(0), codes.stride(0),
-            rows_per_sample, shift.stride(0), eps)
-    flags = dict(SMOOTH=smooth is not None, PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast))
-    # LayerNorm + modulate: no fma contraction, each op keeps its rounding (see triton_fp8_act_quant)
-    flags["enable_fp_fusion"] = not isinstance(producer, LayerNormModulate)
+        return result
+    args = (x, x if smooth is None else smooth, shift, mscale, codes, scale, y, gate, out, rows, cols, x.stride(0),
+            codes.stride(0), rows_per_sample, shift.stride(0), eps, y.stride(0), out.stride(0), gate_rows_per_sample,
+            stride_gate)
+    flags = dict(SMOOTH=smooth is not None, PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast),
+                 RESIDUAL=residual_kind)
+    # LayerNorm + modulate and the residual step: no fma contraction, each op keeps its rounding (see
+    # triton_fp8_act_quant)
+    flags["enable_fp_fusion"] = not (isinstance(producer, LayerNormModulate) or residual is not None)
     kernels = _triton_module()
     if config is None and not interpret_mode():
         kernels.fp8_act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
@@ -118,7 +131,7 @@ def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | 
         block_rows, block_k, warps = config or (16, 64, 4)
         kernels.fp8_act_quant_kernel[(triton.cdiv(rows, block_rows),)](
             *args, **flags, ONE_CHUNK=cols <= block_k, ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
-    return codes, scale
+    return result
 
 
 def quantize_fp8_per_token(x: torch.Tensor, smooth_scale: torch.Tensor | None = None,
@@ -136,6 +149,32 @@ def quantize_fp8_per_token(x: torch.Tensor, smooth_scale: torch.Tensor | None = 
     if backend == "triton" or (x.is_cuda and triton_available(x.device)):
         return quantize_fp8_per_token_triton(x, smooth_scale, producer, fast=fast)
     return quantize_fp8_per_token_reference(x, smooth_scale, producer)
+
+
+def quantize_fp8_residual_reference(x: torch.Tensor, residual: Residual, smooth_scale: torch.Tensor | None = None,
+                                    producer: LayerNormModulate | GeluTanh | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_fp8_per_token_reference` of s:
+    (codes, scale, s), x [M, K]."""
+    s = residual.apply(x)
+    return (*quantize_fp8_per_token_reference(s, smooth_scale, producer), s)
+
+
+def quantize_fp8_residual(x: torch.Tensor, residual: Residual, smooth_scale: torch.Tensor | None = None,
+                          producer: LayerNormModulate | GeluTanh | None = None, backend: str = "torch",
+                          fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes, scale, s): s = x + gate·y [M, K] in x's dtype (the new residual stream) and the FP8 codes
+    of producer(s) / s_smooth, from one kernel pass; backends and dispatch as `quantize_fp8_per_token`."""
+    if backend not in FP8_QUANT_BACKENDS:
+        raise ValueError(f"backend: expected one of {list(FP8_QUANT_BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return quantize_fp8_residual_reference(x, residual, smooth_scale, producer)
+    if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
+        return _ops.quantize_fp8_per_token_residual_op(x, residual.y, residual.gate, residual.rows_per_sample,
+                                                       smooth_scale, *producer_args(producer), backend, fast)
+    if backend == "triton" or (x.is_cuda and triton_available(x.device)):
+        return quantize_fp8_per_token_triton(x, smooth_scale, producer, fast=fast, residual=residual)
+    return quantize_fp8_residual_reference(x, residual, smooth_scale, producer)
 
 
 def _triton_module():

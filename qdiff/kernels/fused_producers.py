@@ -1,6 +1,10 @@
 """Producers that the activation quantization kernel can fuse: it computes the op that makes the activation, then
 quantizes it per token in the same pass, so the activation itself never goes through memory.
 
+In front of the producer the kernels may also run a residual step (`Residual`): s = x + gate·y, written out as the
+new residual stream, then produced from and quantized (the block's `x = x + gate·branch` followed by the next
+linears' input, one pass instead of an add kernel and a quantization pass).
+
 Each producer is a small description with its PyTorch reference (`apply`), which runs the model's own eager ops;
 `qdiff.kernels.act_quant.quantize_per_token(x, ..., producer=p)` quantizes p.apply(x). The Triton kernel repeats the
 eager ops' float32 math and their rounding to x's dtype after each op (bf16 models round after every op).
@@ -13,6 +17,31 @@ import torch
 import torch.nn.functional as F
 
 NONE, LAYERNORM_MODULATE, GELU_TANH = 0, 1, 2  # the kernel's PRODUCER constexpr
+NO_RESIDUAL, RESIDUAL_ADD, RESIDUAL_GATED_ADD = 0, 1, 2  # the kernel's RESIDUAL constexpr
+
+
+class Residual(NamedTuple):
+    """The residual step in front of the producer: s = x + gate·y (gate None: x + y), each op rounded to x's dtype
+    as the eager ops round it (`gate * y`, then the sum; no fma).
+
+    y: [M, K] in x's dtype, the same rows as x; gate: [B, K] in x's dtype or None; row m of x belongs to sample
+    m // rows_per_sample.
+    """
+
+    y: torch.Tensor
+    gate: torch.Tensor | None = None
+    rows_per_sample: int = 1
+
+    @property
+    def kind(self) -> int:
+        return RESIDUAL_ADD if self.gate is None else RESIDUAL_GATED_ADD
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> s [M, K] in x's dtype, with the eager ops of `x + gate * y` (the block's [B, N, K] form)."""
+        if self.gate is None:
+            return x + self.y
+        batch, width = self.gate.shape
+        return (x.reshape(batch, -1, width) + self.gate[:, None] * self.y.reshape(batch, -1, width)).reshape(x.shape)
 
 
 class LayerNormModulate(NamedTuple):

@@ -23,6 +23,8 @@ AUTOTUNE_CONFIGS = ((16, 256, 4), (32, 128, 4), (64, 128, 8), (4, 2048, 4), (8, 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 LAYERNORM_MODULATE = tl.constexpr(fused_producers.LAYERNORM_MODULATE)
 GELU_TANH = tl.constexpr(fused_producers.GELU_TANH)
+NO_RESIDUAL = tl.constexpr(fused_producers.NO_RESIDUAL)
+RESIDUAL_GATED_ADD = tl.constexpr(fused_producers.RESIDUAL_GATED_ADD)
 
 
 @triton.jit
@@ -58,6 +60,28 @@ def _load(x_ptr, rows, cols, valid, stride_xm):
 
 
 @triton.jit
+def _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL: tl.constexpr):
+    """One [ROWS, BLOCK_K] chunk of the producer's input in x's dtype (0 outside `valid`): x, or with a residual step
+    s = x + gate·y (RESIDUAL 2; 1: x + y), each op rounded to x's dtype as the eager ops are (launched without fma
+    contraction). gate_row [ROWS]: the offset of each row's gate row (sample · gate stride)."""
+    x = _load(x_ptr, rows, cols, valid, stride_xm)
+    if RESIDUAL != NO_RESIDUAL:
+        y = _load(y_ptr, rows, cols, valid, stride_ym)
+        if RESIDUAL == RESIDUAL_GATED_ADD:
+            gate = tl.load(gate_ptr + gate_row[:, None] + cols[None, :], mask=valid, other=0.0)
+            y = (gate.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _store_residual(s, out_ptr, rows, cols, valid, stride_om, RESIDUAL: tl.constexpr):
+    """Write a chunk of the residual step's s (x's dtype) to the new residual stream (nothing without one)."""
+    if RESIDUAL != NO_RESIDUAL:
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], s, mask=valid)
+
+
+@triton.jit
 def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
              SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, FAST: tl.constexpr):
     """The quantizer's input for a chunk x (x's dtype) as float32, 0 outside `valid`. Each eager op's result is
@@ -88,21 +112,24 @@ def _chunk_moments(x, valid, K, eps):
 
 
 @triton.jit
-def _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """LayerNorm (mean, rstd) [ROWS] of rows of x read in BLOCK_K chunks, twice: the mean, then the squared
-    deviations from it."""
+def _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
+                 RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LayerNorm (mean, rstd) [ROWS] of the rows of the producer's input (x, or the residual step's s, recomputed
+    here: `_load_input`) read in BLOCK_K chunks, twice: the mean, then the squared deviations from it."""
     width = K * 1.0
     total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        total += _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32)
+        total += _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row,
+                             RESIDUAL).to(tl.float32)
     mean = tl.math.div_rn(tl.sum(total, axis=1), width)
     total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        dev = tl.where(valid, _load(x_ptr, rows, cols, valid, stride_xm).to(tl.float32) - mean[:, None], 0.0)
+        s = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+        dev = tl.where(valid, s.to(tl.float32) - mean[:, None], 0.0)
         total += dev * dev
     rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(total, axis=1), width) + eps)
     return mean, rstd
@@ -143,18 +170,21 @@ def _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, 
 @triton.jit
 def act_quant_kernel(
     x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, post_a_ptr, proj_ptr, frame_ptr,
+    y_ptr, gate_ptr, out_ptr,
     M, K, stride_xm, stride_cm, rows_per_sample, stride_mod, n_frames, static_delta, static_zero, q_min, q_max, offset,
-    min_delta, eps,
+    min_delta, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
     SMOOTH: tl.constexpr, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, R_OUT: tl.constexpr,
     FRAMES: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else passes over K in chunks (the re-reads hit L2): the
     LayerNorm moments (producer 1: mean, then the squared deviations), the range (dynamic grids), then the codes.
-    R_OUT ∈ {0, 1}: proj [M] = f_m · x̂_m · a_out (post_a_ptr: a_out [K])."""
+    R_OUT ∈ {0, 1}: proj [M] = f_m · x̂_m · a_out (post_a_ptr: a_out [K]). RESIDUAL (1: x + y, 2: x + gate·y):
+    every pass recomputes s from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
+    gate_row = (rows // gate_rows_per_sample) * stride_gate
     code_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
     proj_acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     mean = tl.zeros([ROWS], dtype=tl.float32)
@@ -162,7 +192,8 @@ def act_quant_kernel(
     if ONE_CHUNK:
         cols = tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        x = _load(x_ptr, rows, cols, valid, stride_xm)
+        x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+        _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)
         if PRODUCER == LAYERNORM_MODULATE:
             mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
@@ -177,7 +208,8 @@ def act_quant_kernel(
                                              stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
-            mean, rstd = _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS, BLOCK_K)
+            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
+                                      RESIDUAL, ROWS, BLOCK_K)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero
@@ -187,7 +219,8 @@ def act_quant_kernel(
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 valid = row_ok[:, None] & (cols < K)[None, :]
-                x = _load(x_ptr, rows, cols, valid, stride_xm)
+                x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row,
+                                RESIDUAL)
                 v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
                              SMOOTH, PRODUCER, FAST)
                 lo = tl.minimum(lo, v)
@@ -196,7 +229,8 @@ def act_quant_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid = row_ok[:, None] & (cols < K)[None, :]
-            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+            _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)  # the last pass writes s, once
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
                          SMOOTH, PRODUCER, FAST)
             code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset,
@@ -224,7 +258,8 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
-act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER", "FAST"],
+act_quant_tuned = triton.autotune(configs=configs,
+                                  key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER", "FAST", "RESIDUAL"],
                                   prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"ONE_CHUNK": one_chunk})(act_quant_kernel))
 

@@ -16,7 +16,9 @@ LLVM narrows the modulation's float32 product and sum of bf16 values, each round
 contracts them into one `fma.rn.bf16` on sm_90: the product is no longer rounded before the shift is added, as the
 eager model rounds it, and 3% of the codes of a bf16 input moved (by up to 50 e4m3 steps near zero) on an H100.
 Without fusion each op keeps its rounding (`mul.rn.bf16`, `add.rn.bf16`). The other producers keep fusion: nothing
-there rounds between a product and a sum, and GELU's polynomial runs 10% faster with fma.
+there rounds between a product and a sum, and GELU's polynomial runs 10% faster with fma. The residual step
+(`_load_input`: s = x + gate·y rounded after the product and after the sum, as the eager `x + gate * y`) is
+launched without fusion too, whatever the producer.
 """
 import triton
 import triton.language as tl
@@ -26,9 +28,10 @@ from qdiff.kernels.triton_act_quant import (
     AUTOTUNE_CONFIGS,
     LAYERNORM_MODULATE,
     _chunk_moments,
-    _load,
+    _load_input,
     _produce,
     _row_moments,
+    _store_residual,
     one_chunk,
     prune_configs,
 )
@@ -57,22 +60,25 @@ def _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST: tl.con
 
 @triton.jit
 def fp8_act_quant_kernel(
-    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, M, K, stride_xm, stride_cm, rows_per_sample,
-    stride_mod, eps,
+    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, y_ptr, gate_ptr, out_ptr, M, K, stride_xm, stride_cm,
+    rows_per_sample, stride_mod, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
     SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else two passes over K in chunks (the re-read hits L2), after
-    the LayerNorm moments when producer 1 is fused: the absmax, then the codes."""
+    the LayerNorm moments when producer 1 is fused: the absmax, then the codes. RESIDUAL (1: x + y, 2: x + gate·y):
+    every pass recomputes s from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
+    gate_row = (rows // gate_rows_per_sample) * stride_gate
     mean = tl.zeros([ROWS], dtype=tl.float32)
     rstd = tl.zeros([ROWS], dtype=tl.float32)
     if ONE_CHUNK:
         cols = tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        x = _load(x_ptr, rows, cols, valid, stride_xm)
+        x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+        _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)
         if PRODUCER == LAYERNORM_MODULATE:
             mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
@@ -81,12 +87,13 @@ def fp8_act_quant_kernel(
         _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
-            mean, rstd = _row_moments(x_ptr, rows, row_ok, K, stride_xm, eps, ROWS, BLOCK_K)
+            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
+                                      RESIDUAL, ROWS, BLOCK_K)
         peak = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid = row_ok[:, None] & (cols < K)[None, :]
-            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                          PRODUCER, FAST)
             peak = tl.maximum(peak, tl.abs(v))
@@ -94,7 +101,8 @@ def fp8_act_quant_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid = row_ok[:, None] & (cols < K)[None, :]
-            x = _load(x_ptr, rows, cols, valid, stride_xm)
+            x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+            _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)  # the last pass writes s, once
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                          PRODUCER, FAST)
             _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
@@ -102,6 +110,6 @@ def fp8_act_quant_kernel(
 
 
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
-fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST"],
+fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL"],
                                       prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"ONE_CHUNK": one_chunk})(fp8_act_quant_kernel))

@@ -16,7 +16,7 @@ from qdiff.lowbit.export import (
     share_input_quantization,
 )
 from qdiff.lowbit.fp8_linear import FP8Act, FP8Linear, fp8_gemm, fp8_gemm_reference, scaled_mm_supported
-from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate, set_fusion
+from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate, quantize_residual, set_fusion
 from qdiff.lowbit.int_linear import IntExportError, IntLinear, QuantizedInput, SharedInputQuant
 from qdiff.lowbit.pack import pack_codes, pack_int4, unpack_codes, unpack_int4
 
@@ -43,6 +43,7 @@ __all__ = [
     "pack_int4",
     "quantize_gelu",
     "quantize_layernorm_modulate",
+    "quantize_residual",
     "read_int_header",
     "scaled_mm_supported",
     "set_fusion",

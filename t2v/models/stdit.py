@@ -10,9 +10,10 @@ Every linear is an ``nn.Linear`` child called as a module (``self.q(x)``), so a 
 library can swap it by name. The temporal attention's linears see [B·S, T, C] (one row per frame), except on the
 frame-major path (temporal core "short_triton" with row-order-free linears, `Attention.runs_frame_major`), where
 they see the same rows as [B, T, S, C] and no permute copies are made.
-When the linears after a LayerNorm + modulation or after the MLP's GELU are integer layers
-(``qdiff.lowbit.IntLinear``) with fusion on, the block hands them their input already quantized by one fused
-kernel (``qdiff.lowbit.fused``); every other model runs the eager ops.
+When the linears after a LayerNorm + modulation or after the MLP's GELU are low-bit layers
+(``qdiff.lowbit.IntLinear``, ``FP8Linear``) with fusion on, the block hands them their input already quantized by one
+fused kernel (``qdiff.lowbit.fused``); so it does after a residual add (`STDiTBlock._residual`: the kernel also writes
+the new residual stream); every other model runs the eager ops.
 
 ``compile_blocks(model)`` compiles every block with torch.compile (static shapes, one graph per block, no graph
 breaks) for inference: bf16, fake-quant (QuantLinear) and integer (IntLinear) models alike. The compiler fuses the
@@ -37,8 +38,8 @@ from torch import nn
 from qdiff.io import save_safetensors_atomic
 from qdiff.kernels.short_attention import short_attention
 from qdiff.layers.quant_linear import QuantLinear
-from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate
-from qdiff.lowbit.int_linear import LowBitLinear
+from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate, quantize_residual
+from qdiff.lowbit.int_linear import LowBitLinear, QuantizedInput
 
 from t2v.models.embeddings import (
     CaptionEmbedder,
@@ -215,8 +216,11 @@ class MultiHeadCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.core = "sdpa"  # or "math" (`_math_attention`); see `set_attention`
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedInput, cond: torch.Tensor,
+                cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
         """x [B, N, C], cond [1, ΣL_b, C] (packed valid text tokens), cond_lens [B] python ints -> [B, N, C].
+
+        x may be a `QuantizedInput` made for q_linear (`qdiff.lowbit.fused`), its only reader.
 
         Padded form (what compiled blocks get, fixed shapes): cond [B, L, C] with cond_lens a bool key mask [B, L]
         (True = valid token) or None (all valid). kv_linear then also runs on the padding rows (as one packed
@@ -237,8 +241,8 @@ class MultiHeadCrossAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, h, L_max, d]
         key_mask = None
         if min(cond_lens) != k.shape[2]:  # some sample has padding
-            lens = torch.tensor(cond_lens, device=x.device)
-            positions = torch.arange(k.shape[2], device=x.device)
+            lens = torch.tensor(cond_lens, device=cond.device)
+            positions = torch.arange(k.shape[2], device=cond.device)
             key_mask = (positions[None] < lens[:, None])[:, None, None]  # [B, 1, 1, L_max]
         out = (_math_attention if self.core == "math" else _attention)(q, k, v, key_mask)  # [B, h, N, d]
         return self.proj(rearrange(out, "B h N d -> B N (h d)"))
@@ -291,12 +295,14 @@ class STDiTBlock(nn.Module):
         x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, *self.attn.input_linears())
         x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
-        x = x + gate_msa * x_s
+        # frame-major without a table, the temporal linears read exactly the new x: the add runs in their quantization
+        fuse = self.attn_temp.runs_frame_major(x) and temporal_pos_embed is None
+        x, x_q = self._residual(x, x_s, gate_msa, *(self.attn_temp.input_linears() if fuse else ()))
 
         # 2. temporal self-attention over the T frames at each position; no norm/modulation and the
         #    spatial gate again, as released (METHOD.md section 1)
-        if self.attn_temp.runs_frame_major(x):  # in the token order as it is: no permute copies
-            x_t = x.view(x.shape[0], T, S, x.shape[-1])  # [B, T, S, C]
+        if x_q is not None or self.attn_temp.runs_frame_major(x):  # in the token order as it is: no permute copies
+            x_t = x.view(x.shape[0], T, S, x.shape[-1]) if x_q is None else x_q.reshape(x.shape[0], T, S, x.shape[-1])
             if temporal_pos_embed is not None:
                 x_t = x_t + temporal_pos_embed[:, :, None]  # [1, T, 1, C]
             x_t = self.attn_temp.forward_frames(x_t).view(x.shape)
@@ -305,13 +311,16 @@ class STDiTBlock(nn.Module):
             if temporal_pos_embed is not None:
                 x_t = x_t + temporal_pos_embed
             x_t = rearrange(self.attn_temp(x_t), "(B S) T C -> B (T S) C", T=T, S=S)
-        x = x + gate_msa * x_t
+        x, x_q = self._residual(x, x_t, gate_msa, self.cross_attn.q_linear)
 
         # 3. cross-attention to the sample's own text tokens (no gate)
-        x = x + self.cross_attn(x, y, y_lens)
+        cross = self.cross_attn(x if x_q is None else x_q, y, y_lens)
+        x, h = self._residual(x, cross, None, self.mlp.fc1, norm=self.norm2, shift=shift_mlp, scale=scale_mlp)
 
         # 4. MLP
-        x = x + gate_mlp * self._mlp(self._modulated(x, self.norm2, shift_mlp, scale_mlp, self.mlp.fc1))
+        if h is None:
+            h = self._modulated(x, self.norm2, shift_mlp, scale_mlp, self.mlp.fc1)
+        x = x + gate_mlp * self._mlp(h)
         return x
 
     @staticmethod
@@ -319,6 +328,16 @@ class STDiTBlock(nn.Module):
         """t2i_modulate(norm(x), shift, scale), or the same activation already quantized for its integer readers."""
         fused = quantize_layernorm_modulate(x, norm, shift, scale, *readers)
         return t2i_modulate(norm(x), shift, scale) if fused is None else fused
+
+    @staticmethod
+    def _residual(x, y, gate, *readers, norm=None, shift=None, scale=None):
+        """(x + gate·y (gate None: x + y), None) as the eager ops; or, when `readers` (low-bit layers with fusion on)
+        read the new x (norm given: t2i_modulate(norm(x), shift, scale)), (the new x, their QuantizedInput) from one
+        kernel pass that also writes the new x (`qdiff.lowbit.fused.quantize_residual`)."""
+        fused = quantize_residual(x, y, gate, *readers, norm=norm, shift=shift, scale=scale) if readers else None
+        if fused is not None:
+            return fused
+        return x + (y if gate is None else gate * y), None
 
     def _mlp(self, h):
         """self.mlp(h); with an integer fc2, the GELU runs inside the quantization of fc2's input."""

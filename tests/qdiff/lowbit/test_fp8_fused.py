@@ -1,9 +1,10 @@
 """Fused producers for FP8Linear (qdiff.lowbit.fused): FP8Linear layers fed a QuantizedInput give exactly what they give
 on the eager activation (CPU: the torch reference runs the model's own ops), readers share launches where their input
 signature agrees, unfusable readers are refused; the tiny STDiT (w8a8_fp8, w4a8_fp8) gives the same output with
-fusion on and off, and under torch.compile (int_act_quant="fused" / "kernel") the FP8 quantization is one opaque op
-per launch with the producers inside, no graph break, and the eager output. Also: compiled IntLinear readers without
-smoothing share one launch."""
+fusion on and off (also with the residual adds fused in front of the quantization, frame-major temporal attention
+and merged q/k/v included), and under torch.compile (int_act_quant="fused" / "kernel") the FP8 quantization is one
+opaque op per launch with the producers (and residual adds) inside, no graph break, and the eager output. Also:
+compiled IntLinear readers without smoothing share one launch."""
 import importlib.util
 from pathlib import Path
 
@@ -63,15 +64,21 @@ NORM = nn.LayerNorm(WIDTH, eps=1e-6, elementwise_affine=False)
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the FP8 quantization launches of the fused helpers (producer kinds)."""
+    """Counts the FP8 quantization launches of the fused helpers: producer kinds, and ("residual", kind or 0) for
+    the launches with the residual step in front."""
     calls = []
-    original = fused.quantize_fp8_per_token
+    original, original_residual = fused.quantize_fp8_per_token, fused.quantize_fp8_residual
 
     def counting(x, smooth_scale=None, producer=None, **kwargs):
         calls.append(producer.kind)
         return original(x, smooth_scale, producer, **kwargs)
 
+    def counting_residual(x, residual, smooth_scale=None, producer=None, **kwargs):
+        calls.append(("residual", 0 if producer is None else producer.kind))
+        return original_residual(x, residual, smooth_scale, producer, **kwargs)
+
     monkeypatch.setattr(fused, "quantize_fp8_per_token", counting)
+    monkeypatch.setattr(fused, "quantize_fp8_residual", counting_residual)
     return calls
 
 
@@ -130,9 +137,14 @@ def test_unfusable_readers_are_refused():
         readers(count=1)[0](quantized)
 
 
+RESIDUAL_ADD_LN, RESIDUAL_ADD = ("residual", 1), ("residual", 0)
+
+
 @pytest.mark.parametrize("yaml,expected", [
-    ("configs/quant/w8a8_fp8.yaml", {1: 2 * 2, 2: 2}),  # per block: q/k/v share one launch, fc1 one; fc2's GELU
-    ("configs/quant/w4a8_fp8.yaml", {1: 2 * 4, 2: 2}),  # smoothing: q, k, v and fc1 each quantize x / s
+    # per block: q/k/v share one launch; cross-attention's q after the temporal residual add; fc1 after the cross
+    # residual add, with norm2 + modulate; fc2's GELU
+    ("configs/quant/w8a8_fp8.yaml", {1: 2, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 2, 2: 2}),
+    ("configs/quant/w4a8_fp8.yaml", {1: 2 * 3, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 2, 2: 2}),  # smoothing: q, k, v
 ])
 def test_stdit_fusion_on_equals_off(launches, yaml, expected):
     _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
@@ -145,6 +157,31 @@ def test_stdit_fusion_on_equals_off(launches, yaml, expected):
         out = model(x, t, y, mask=mask)
     assert {kind: launches.count(kind) for kind in set(launches)} == expected
     assert torch.equal(out, unfused)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stdit_frame_major_residual_fusion_equals_off(launches, merged, dtype):
+    """Frame-major temporal attention ("short_triton"): after the first block (no temporal table) the spatial
+    residual add runs in the quantization of the temporal q/k/v (or merged qkv) input. CPU: bit for bit."""
+    from t2v.models.stdit import merge_qkv, set_temporal_attention
+
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml("configs/quant/w8a8_fp8.yaml"))
+    convert_to_int(model)
+    if merged:
+        assert merge_qkv(model) == {}
+    model.to(dtype)
+    set_temporal_attention(model, "short_triton")
+    x, t, y, mask = model_helpers.inputs()
+    with torch.no_grad():
+        assert all(block.attn_temp.runs_frame_major(x) for block in model.blocks)
+        unfused = model(x, t, y, mask=mask)
+        set_fusion(model, True)
+        out = model(x, t, y, mask=mask)
+    # block 0 has the temporal table: its temporal q/k/v quantize x themselves (one unfused launch, not counted)
+    assert {kind: launches.count(kind) for kind in set(launches)} == {1: 2, RESIDUAL_ADD: 2 + 1, RESIDUAL_ADD_LN: 2,
+                                                                      2: 2}
+    assert out.dtype == torch.float32 and torch.equal(out, unfused)
 
 
 def compiled_vs_eager(model, int_act_quant):
@@ -162,6 +199,9 @@ def test_stdit_compiles_with_fp8_kernel_op(mode, launches_per_block):
     convert_to_int(model)
     eager, compiled, targets = compiled_vs_eager(model, mode)
     assert sum("qdiff.quantize_fp8_per_token" in t for t in targets) == launches_per_block
+    # fused: the temporal and the cross residual adds run in the quantization of cross q's and fc1's inputs (the
+    # compiled blocks all get a temporal table, so the spatial one never feeds the temporal q/k/v directly)
+    assert sum("qdiff.quantize_fp8_per_token_residual" in t for t in targets) == (2 if mode == "fused" else 0)
     left = [t for t in targets if "layer_norm" in t or "gelu" in t]
     assert not left if mode == "fused" else left, left
     assert all(layer.compile_act_quant == mode for _, layer in fp8_layers(model))

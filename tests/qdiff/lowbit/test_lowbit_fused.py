@@ -43,13 +43,18 @@ def modulation(batch=2, tokens=13):
 def launches(monkeypatch):
     """Counts the quantization launches of the fused helpers."""
     calls = []
-    original = fused.quantize_per_token
+    original, original_residual = fused.quantize_per_token, fused.quantize_per_token_residual
 
     def counting(*args, **kwargs):
         calls.append(kwargs["producer"].kind)
         return original(*args, **kwargs)
 
+    def counting_residual(*args, **kwargs):  # ("residual", producer kind or 0): the residual step in front
+        calls.append(("residual", 0 if kwargs["producer"] is None else kwargs["producer"].kind))
+        return original_residual(*args, **kwargs)
+
     monkeypatch.setattr(fused, "quantize_per_token", counting)
+    monkeypatch.setattr(fused, "quantize_per_token_residual", counting_residual)
     return calls
 
 
@@ -107,8 +112,10 @@ def test_unfusable_readers_are_refused():
 
 
 @pytest.mark.parametrize("yaml,expected", [
-    ("configs/quant/w4a6_qvdit.yaml", {1: 2 * 2, 2: 2}),  # per block: q/k/v share one launch, fc1 one; fc2's GELU
-    ("configs/quant/w4a8_qvdit.yaml", {1: 2 * 4, 2: 2}),  # smoothing: q, k, v and fc1 each quantize x / s
+    # per block: q/k/v share one launch; cross q after the temporal residual add; fc1's norm2 + modulate (integer
+    # readers: the cross residual add stays apart, see quantize_residual); fc2's GELU
+    ("configs/quant/w4a6_qvdit.yaml", {1: 2 * 2, ("residual", 0): 2, 2: 2}),
+    ("configs/quant/w4a8_qvdit.yaml", {1: 2 * 4, ("residual", 0): 2, 2: 2}),  # smoothing: q, k, v
 ])
 def test_stdit_block_uses_fused_producers(launches, yaml, expected):
     from qdiff.config import QuantConfig, apply_overrides
@@ -119,9 +126,12 @@ def test_stdit_block_uses_fused_producers(launches, yaml, expected):
     convert_to_int(model, backend="torch")
     x, t, y, mask = model_helpers.inputs()
     with torch.no_grad():
-        model(x, t, y, mask=mask)
+        unfused = model(x, t, y, mask=mask)
     assert not launches  # fusion is opt-in
     set_fusion(model, True)
     with torch.no_grad():
-        model(x, t, y, mask=mask)
+        out = model(x, t, y, mask=mask)
     assert {kind: launches.count(kind) for kind in set(launches)} == expected
+    # CPU: the references run the eager ops, so the same codes; a shared launch forms the readers' TQE projections
+    # with their A_out stacked (another summation order than each reader's own): equal up to float rounding
+    assert float((out - unfused).norm() / unfused.norm()) < 1e-7

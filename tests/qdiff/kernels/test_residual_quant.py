@@ -1,0 +1,315 @@
+"""The residual step in front of the fused producer (`qdiff.kernels.fused_producers.Residual`): s = x + gate·y,
+written out as the new residual stream, then the producer (none, or LayerNorm + modulate) and the per-token
+quantization, FP8 (`quantize_fp8_residual`) and integer (`quantize_per_token_residual`).
+
+CPU: the references run the eager `x + gate * y` ([B, N, K] broadcast, as STDiTBlock does) and then the existing
+references; the dispatch picks them on the CPU; the two custom ops pass `torch.library.opcheck` and are what
+torch.compile records. The Triton kernels run in a child process under the interpreter (TRITON_INTERPRET=1,
+`install_interpreter_shims`): the written s always, and codes and scales equal the references bit for bit, with and
+without a gate, with and without LayerNorm + modulate (bfloat16; float32 LayerNorm: torch's moments are summed in
+another order, so scales within an ulp and a code moves by one step now and then, as the producer's own tests
+allow), float32 and bfloat16, ragged M, row-strided x and y, a chunked (multi-pass: s recomputed in every pass,
+written once) and a whole-row tile."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qdiff.kernels.act_quant import (
+    quantize_per_token_reference,
+    quantize_per_token_residual,
+    quantize_per_token_residual_reference,
+)
+from qdiff.kernels.fp8_quant import (
+    quantize_fp8_per_token_reference,
+    quantize_fp8_residual,
+    quantize_fp8_residual_reference,
+)
+from qdiff.kernels.fused_producers import LAYERNORM_MODULATE, NONE, LayerNormModulate, Residual
+
+REPO = Path(__file__).resolve().parents[3]
+CHILD_FLAG = "QDIFF_RESIDUAL_QUANT_INTERPRETER_CHILD"
+IN_CHILD = os.environ.get(CHILD_FLAG) == "1"
+parent_only = pytest.mark.skipif(IN_CHILD, reason="the parent process runs the CPU reference checks")
+child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child (test_kernels_in_child)")
+
+TILES = [(16, 32, 4), (8, 256, 4)]  # (ROWS, BLOCK_K, warps): chunked multi-pass, and the whole row at once
+SHAPES = [(2, 19, 72), (1, 37, 200), (2, 3, 64)]  # (B, N, K): ragged M = B·N; K = 200 chunked by both tiles
+
+
+def inputs(batch, tokens, cols, dtype, gated=True, strided=False, seed=0):
+    """x, y [M, K] (row-strided views of wider tensors when `strided`) and the Residual of y with a [B, K] gate."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = batch * tokens
+    width = 2 * cols + 3 if strided else cols
+    x = (torch.randn(rows, width, generator=gen) * torch.linspace(0.1, 6, width) + 0.2).to(dtype)[:, :cols]
+    y = (torch.randn(rows, width, generator=gen) * 3).to(dtype)[:, 1:cols + 1] if strided else \
+        (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
+    x[0, -1] = 40.0
+    gate = (torch.randn(batch, cols, generator=gen) * 0.7).to(dtype) if gated else None
+    return x, Residual(y, gate, tokens)
+
+
+def layernorm_modulate(batch, tokens, cols, dtype, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return LayerNormModulate(torch.randn(batch, cols, generator=gen).to(dtype),
+                             (torch.randn(batch, cols, generator=gen) * 0.3).to(dtype), tokens)
+
+
+def assert_bits_equal(got, expected, name):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    if got.dtype == torch.float8_e4m3fn:
+        got, expected = got.view(torch.uint8), expected.view(torch.uint8)
+    assert torch.equal(got, expected), name
+
+
+def assert_fp8_result_equal(got, expected):
+    for name, a, b in zip(("codes", "scale", "s"), got, expected, strict=True):
+        assert_bits_equal(a, b, name)
+
+
+def assert_close_after_float32_layernorm(got, expected, kind):
+    """float32 LayerNorm: torch sums the moments in another order, so a scale may differ in the last bit and a code
+    move by one step now and then (as `test_fp8_act_quant` / `test_lowbit_kernels` allow); s stays exact."""
+    if kind == "fp8":
+        (codes, scale, s), (ref_codes, ref_scale, ref_s) = got, expected
+        from qdiff.kernels.fp8_quant import e4m3_steps
+
+        steps = e4m3_steps(codes, ref_codes)
+    else:
+        (act, s), (ref, ref_s) = got, expected
+        codes, scale, ref_codes, ref_scale = act.codes, act.scale, ref.codes, ref.scale
+        steps = (codes.int() - ref_codes.int()).abs()
+        assert int((act.zero - ref.zero).abs().max()) <= 1
+    assert_bits_equal(s, ref_s, "s")
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) <= 5e-3
+
+
+def assert_int_result_equal(got, expected):
+    (act, s), (ref, ref_s) = got, expected
+    for name in ("codes", "scale", "zero", "rowsum"):
+        assert_bits_equal(getattr(act, name), getattr(ref, name), name)
+    assert (act.proj is None) == (ref.proj is None)
+    if ref.proj is not None:
+        torch.testing.assert_close(act.proj, ref.proj, rtol=1e-5, atol=1e-5)
+    assert_bits_equal(s, ref_s, "s")
+
+
+# ------------------------------------------------------------------------------------------ CPU (reference) checks
+@parent_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_references_run_the_eager_ops(dtype, gated):
+    batch, tokens, cols = 2, 6, 40
+    x, residual = inputs(batch, tokens, cols, dtype, gated)
+    x3, y3 = x.reshape(batch, tokens, cols), residual.y.reshape(batch, tokens, cols)
+    eager = x3 + residual.gate[:, None] * y3 if gated else x3 + y3  # the block's `x + gate_msa * x_s`
+    assert torch.equal(residual.apply(x), eager.reshape(x.shape))
+    ln = layernorm_modulate(batch, tokens, cols, dtype)
+    smooth = torch.rand(cols) + 0.5
+    for producer in (None, ln):
+        codes, scale = quantize_fp8_per_token_reference(eager.reshape(x.shape), smooth, producer)
+        assert_fp8_result_equal(quantize_fp8_residual_reference(x, residual, smooth, producer),
+                                (codes, scale, eager.reshape(x.shape)))
+        assert_fp8_result_equal(quantize_fp8_residual(x, residual, smooth, producer, backend="auto"),
+                                (codes, scale, eager.reshape(x.shape)))  # the CPU: the reference
+        act = quantize_per_token_reference(eager.reshape(x.shape), 8, False, smooth, producer=producer)
+        assert_int_result_equal(quantize_per_token_residual(x, residual, 8, False, smooth, producer=producer),
+                                (act, eager.reshape(x.shape)))
+
+
+def op_args(gated=True, producer=True):
+    x, residual = inputs(2, 5, 16, torch.float32, gated)
+    ln = layernorm_modulate(2, 5, 16, torch.float32)
+    tail = (LAYERNORM_MODULATE, ln.shift, ln.scale, 5, 1e-6) if producer else (NONE, None, None, 1, 0.0)
+    return x, residual, tail
+
+
+@parent_only
+def test_opcheck():
+    for gated, producer in ((True, True), (False, False)):
+        x, residual, tail = op_args(gated, producer)
+        head = (x, residual.y, residual.gate, residual.rows_per_sample)
+        torch.library.opcheck(torch.ops.qdiff.quantize_fp8_per_token_residual.default,
+                              (*head, torch.rand(16) + 0.5, *tail, "auto", False))
+        torch.library.opcheck(torch.ops.qdiff.quantize_per_token_residual.default,
+                              (*head, 8, False, None, float("nan"), 0.0, torch.randn(2, 16), None, *tail, "auto",
+                               False))
+
+
+def recorded_ops(fn, *args):
+    """(eager result, compiled result, qdiff op names of the one captured graph) of fn(*args), aot_eager."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    names = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
+
+
+def residual_quant(kind, backend):
+    """fn(x, y, gate, shift, scale) of the residual step + LayerNorm-modulate quantization, FP8 or integer."""
+    def quant(x, y, gate, shift, scale):
+        residual, producer = Residual(y, gate, 5), LayerNormModulate(shift, scale, 5)
+        if kind == "fp8":
+            return quantize_fp8_residual(x, residual, None, producer, backend=backend)
+        act, s = quantize_per_token_residual(x, residual, 8, False, producer=producer, backend=backend)
+        return act.codes, act.scale, act.zero, act.rowsum, s
+    return quant
+
+
+@parent_only
+@pytest.mark.parametrize("kind", ["fp8", "int"])
+def test_compiled_dispatch_is_one_op(kind):
+    x, residual, (_, shift, scale, _, _) = op_args()
+    eager, compiled, names = recorded_ops(residual_quant(kind, "auto"), x, residual.y, residual.gate, shift, scale)
+    assert names == [f"qdiff.quantize{'_fp8' if kind == 'fp8' else ''}_per_token_residual"]
+    for got, expected in zip(compiled, eager, strict=True):
+        assert_bits_equal(got, expected, "compiled")
+
+
+# ------------------------------------------------------------------------------------------ Triton (interpreter)
+@parent_only
+def test_kernels_in_child():
+    """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU machines run the kernels directly")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                           str(Path(__file__)), "-k", "interp"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    passed = re.search(r"(\d+) passed", output)
+    assert proc.returncode == 0 and passed and int(passed.group(1)) == 2 * 2 * 3 * 2 * 2 + 4, output[-4000:]
+    assert "skipped" not in output, output[-4000:]
+
+
+@pytest.fixture
+def interpreter():
+    from bench.check_int_kernels import install_interpreter_shims
+    from qdiff.kernels.act_quant import interpret_mode
+
+    assert interpret_mode()
+    install_interpreter_shims()
+
+
+@child_only
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["fp8", "int"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_interp_residual_equals_reference(interpreter, tile, shape, dtype, kind, gated):
+    """No producer and LayerNorm + modulate; row-strided x and y on the gated runs."""
+    from qdiff.kernels.act_quant import quantize_per_token_triton
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
+
+    batch, tokens, cols = shape
+    x, residual = inputs(batch, tokens, cols, dtype, gated, strided=gated)
+    assert not gated or x.stride(0) != cols
+    for producer in (None, layernorm_modulate(batch, tokens, cols, dtype)):
+        if kind == "fp8":
+            got = quantize_fp8_per_token_triton(x, None, producer, config=tile, residual=residual)
+            expected = quantize_fp8_residual_reference(x, residual, None, producer)
+        else:
+            kwargs = dict(post_a=torch.randn(1, cols), producer=producer)
+            got = quantize_per_token_triton(x, 8, False, **kwargs, config=tile, residual=residual)
+            expected = quantize_per_token_residual_reference(x, residual, 8, False, **kwargs)
+        if producer is not None and dtype == torch.float32:
+            assert_close_after_float32_layernorm(got, expected, kind)
+        else:
+            (assert_fp8_result_equal if kind == "fp8" else assert_int_result_equal)(got, expected)
+
+
+@child_only
+def test_interp_smoothing_and_fast(interpreter):
+    """With a smoothing scale after the producer; fast mode: s still exact."""
+    from qdiff.kernels.fp8_quant import e4m3_steps, quantize_fp8_per_token_triton
+
+    x, residual = inputs(2, 19, 72, torch.bfloat16)
+    producer, smooth = layernorm_modulate(2, 19, 72, torch.bfloat16), torch.rand(72) + 0.5
+    expected = quantize_fp8_residual_reference(x, residual, smooth, producer)
+    assert_fp8_result_equal(quantize_fp8_per_token_triton(x, smooth, producer, config=TILES[0], residual=residual),
+                            expected)
+    codes, _, s = quantize_fp8_per_token_triton(x, smooth, producer, config=TILES[0], fast=True, residual=residual)
+    assert_bits_equal(s, expected[2], "s")
+    assert int(e4m3_steps(codes, expected[0]).max()) <= 1
+
+
+@child_only
+def test_interp_checks_and_empty(interpreter):
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
+
+    x, residual = inputs(2, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="samples x"):
+        quantize_fp8_per_token_triton(x, config=TILES[0], residual=residual._replace(rows_per_sample=3))
+    with pytest.raises(ValueError, match="residual y"):
+        quantize_fp8_per_token_triton(x, config=TILES[0], residual=residual._replace(y=residual.y.bfloat16()))
+    codes, scale, s = quantize_fp8_per_token_triton(x[:0], config=TILES[0], residual=Residual(residual.y[:0]))
+    assert codes.shape == s.shape == (0, 16) and scale.shape == (0, 1)
+
+
+@child_only
+def test_interp_compiled_op_runs_the_kernel(interpreter):
+    x, residual, (_, shift, scale, _, _) = op_args()
+    for kind in ("fp8", "int"):
+        eager, compiled, names = recorded_ops(residual_quant(kind, "triton"), x, residual.y, residual.gate, shift,
+                                              scale)
+        assert names == [f"qdiff.quantize{'_fp8' if kind == 'fp8' else ''}_per_token_residual"]
+        for got, expected in zip(compiled, eager, strict=True):
+            assert_bits_equal(got, expected, "compiled")
+
+
+@child_only
+def test_interp_stdit_block_fused_equals_unfused(interpreter):
+    """The tiny STDiT as IntLinear on the Triton backend (kernels under the interpreter), bf16, frame-major temporal
+    attention: with fusion on, the five residual adds of its two blocks (cross q and fc1 in each, the temporal q/k/v
+    of the second) run in the kernel; the output equals the unfused model's (every bf16 rounding reproduced)."""
+    import importlib.util
+
+    from qdiff.config import QuantConfig, apply_overrides
+    from qdiff.lowbit import convert_to_int, fused, set_fusion, set_int_backend
+    from t2v.models.stdit import set_temporal_attention
+
+    spec = importlib.util.spec_from_file_location("residual_model_helpers",
+                                                  REPO / "tests/qdiff/lowbit/test_lowbit_model.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    qconfig = apply_overrides(QuantConfig.from_yaml(REPO / "configs/quant/w8a8_ptq.yaml"),
+                              ["distill.enabled=false", "act.mode=dynamic_per_token"])
+    _, model = helpers.calibrated(qconfig)
+    convert_to_int(model, backend="torch")
+    set_int_backend(model, "triton")
+    set_temporal_attention(model, "short_triton")
+    model.to(torch.bfloat16)
+    x, t, y, mask = helpers.inputs()
+    launches = []
+    original = fused.quantize_per_token_residual
+
+    def counting(*args, **kwargs):
+        launches.append(kwargs["backend"])
+        return original(*args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "quantize_per_token_residual", counting)
+        unfused = model(x, t, y, mask=mask)
+        set_fusion(model, True)
+        out = model(x, t, y, mask=mask)
+    # (a) in block 1 (block 0 adds the temporal table), (b) in both blocks; (c), the residual + LayerNorm, is not
+    # fused for integer readers (qdiff.lowbit.fused.quantize_residual)
+    assert launches == ["triton"] * 3
+    assert torch.equal(out, unfused)
