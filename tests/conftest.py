@@ -1,4 +1,9 @@
-"""Shared test setup: golden fixtures live in ../shared/fixtures (beside the checkout)."""
+"""Shared test setup: golden fixtures live in ../shared/fixtures (beside the checkout); the Triton-interpreter child
+process of the kernel tests."""
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +47,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def run_interpreter_child():
+    """run(test_file, child_flag, keyword="interp", passed=None, at_least=None) runs the tests of `test_file` that
+    match `keyword` in a child pytest under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
+    imported, so this process cannot switch to it) with `child_flag`=1 in its environment, and asserts that they pass:
+    exactly `passed` of them with none skipped, or at least `at_least`. Returns the child's output."""
+    def run(test_file, child_flag: str, keyword: str | None = "interp", passed: int | None = None,
+            at_least: int | None = None, timeout: int = 900) -> str:
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{child_flag: "1"})
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                   str(test_file), *(["-k", keyword] if keyword else [])]
+        proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        output = proc.stdout + proc.stderr
+        count = re.search(r"(\d+) passed", output)
+        assert proc.returncode == 0 and count, output[-4000:]
+        if passed is not None:
+            assert int(count.group(1)) == passed and "skipped" not in output, output[-4000:]
+        if at_least is not None:
+            assert int(count.group(1)) >= at_least, output[-4000:]
+        return output
+
+    return run

@@ -8,9 +8,6 @@ modulate on half inputs (float32 LayerNorm: codes equal, scales within an ulp, t
 order; GELU: a code moves by one step now and then, torch's 0.5·x·(1 + tanh u) cancels for x < 0); fast mode stays
 within one e4m3 step. On a GPU, `bench/check_int_kernels.py --only fp8` runs the compiled kernel."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -160,19 +157,11 @@ def test_compiled_dispatch(backend):
 
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
 @parent_only
-def test_triton_kernel_in_child():
+def test_triton_kernel_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernel directly (bench/check_int_kernels.py --only fp8)")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                           str(Path(__file__)), "-k", "interp"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    passed = re.search(r"(\d+) passed", output)
-    assert proc.returncode == 0 and passed and int(passed.group(1)) == 51, output[-4000:]
-    assert "skipped" not in output, output[-4000:]
+    run_interpreter_child(__file__, CHILD_FLAG, passed=51)
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@ and autograd registration pass `torch.library.opcheck`; under torch.compile the 
 op each (no graph break, no tracing into a Triton launcher) and compute what they compute eagerly; eager calls stay
 off the ops. The Triton implementations behind the ops run in a child process under Triton's CPU interpreter."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -133,18 +130,12 @@ def test_dispatch_records_one_op_under_compile(index):
     assert_same(eager, compiled)
 
 
-def test_triton_implementations_under_interpreter():
+def test_triton_implementations_under_interpreter(run_interpreter_child):
     """The ops with backend='triton' (the GPU kernels, here under the interpreter) compile and equal eager calls."""
     if not IN_CHILD:
         if torch.cuda.is_available():
             pytest.skip("GPU machines run the kernels directly (bench/check_int_kernels.py)")
-        pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                               "-k", "test_triton_implementations_under_interpreter"],
-                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and re.search(r"1 passed", output), output[-4000:]
+        run_interpreter_child(__file__, CHILD_FLAG, keyword="test_triton_implementations_under_interpreter", passed=1)
         return
     from bench.check_int_kernels import install_interpreter_shims
 

@@ -6,9 +6,6 @@ On a GPU machine the checks run compiled and autotuned. Without CUDA they run un
 themselves are skipped in the parent. The int32 results must be equal.
 """
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,17 +30,11 @@ IN_CHILD = os.environ.get(CHILD_FLAG) == "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def test_kernels_under_interpreter():
+def test_kernels_under_interpreter(run_interpreter_child):
     """CPU machines: run every check below under the interpreter in a fresh process."""
     if ON_GPU or IN_CHILD:
         pytest.skip("the checks run directly here")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    passed = re.search(r"(\d+) passed", output)
-    assert passed and int(passed.group(1)) >= 60, output[-2000:]
+    run_interpreter_child(__file__, CHILD_FLAG, keyword=None, at_least=60)
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,6 @@ another order, so scales within an ulp and a code moves by one step now and then
 allow), float32 and bfloat16, ragged M, row-strided x and y, a chunked (multi-pass: s recomputed in every pass,
 written once) and a whole-row tile."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -183,19 +180,11 @@ def test_compiled_dispatch_is_one_op(kind):
 
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
 @parent_only
-def test_kernels_in_child():
+def test_kernels_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernels directly")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                           str(Path(__file__)), "-k", "interp"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    passed = re.search(r"(\d+) passed", output)
-    assert proc.returncode == 0 and passed and int(passed.group(1)) == 2 * 2 * 3 * 2 * 2 + 4, output[-4000:]
-    assert "skipped" not in output, output[-4000:]
+    run_interpreter_child(__file__, CHILD_FLAG, passed=2 * 2 * 3 * 2 * 2 + 4)
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ seeing the same inputs. The Triton kernel itself runs in a child process under T
 (TRITON_INTERPRET=1 must be set before triton is imported): it equals the reference in float32 for ragged sequence
 lengths, head sizes, problem counts and strided q/k/v views, and drives the tiny STDiT, eager and compiled."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -225,19 +222,11 @@ def test_set_temporal_attention_rejects_unknown_core():
 
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
 @parent_only
-def test_triton_kernel_in_child():
+def test_triton_kernel_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernel directly (bench/check_int_kernels.py --only attn_short)")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                           str(Path(__file__)), "-k", "interp"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    passed = re.search(r"(\d+) passed", output)
-    assert proc.returncode == 0 and passed and int(passed.group(1)) == 30, output[-4000:]
-    assert "skipped" not in output, output[-4000:]
+    run_interpreter_child(__file__, CHILD_FLAG, passed=30)
 
 
 @pytest.fixture

@@ -8,9 +8,6 @@ a child process under TRITON_INTERPRET=1 (as in test_short_attention.py): it equ
 merged [B, T, S, 3C] tensors, ragged T and problem counts no program size divides, and an STDiT block gives
 bit-identical output frame-major and through the permute path."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -284,19 +281,11 @@ def test_compiled_block_records_the_4d_op():
 
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
 @parent_only
-def test_frames_in_child():
+def test_frames_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernel directly (bench/check_int_kernels.py --only attn_short)")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **{CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                           str(Path(__file__)), "-k", "interp"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    passed = re.search(r"(\d+) passed", output)
-    assert proc.returncode == 0 and passed and int(passed.group(1)) == 14, output[-4000:]
-    assert "skipped" not in output, output[-4000:]
+    run_interpreter_child(__file__, CHILD_FLAG, passed=14)
 
 
 @pytest.fixture
