@@ -72,3 +72,27 @@ def run_interpreter_child():
         return output
 
     return run
+
+
+@pytest.fixture
+def recorded_ops():
+    """recorded_ops(fn, *args) -> (eager fn(*args), compiled fn(*args), names of the qdiff custom ops in the one graph
+    dynamo captures). Compiled with fullgraph, static shapes and aot_eager (the ops' fake impls and AOT dispatch run;
+    no inductor)."""
+    def record(fn, *args):
+        from torch._dynamo.backends.common import aot_autograd
+
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+        torch._dynamo.reset()
+        assert len(graphs) == 1
+        names = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+        return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
+
+    return record

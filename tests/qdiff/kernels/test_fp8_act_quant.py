@@ -122,27 +122,9 @@ def test_opcheck():
                           (x.bfloat16(), None, GELU_TANH, None, None, 1, 0.0, "auto", True))
 
 
-def recorded_ops(fn, *args):
-    """(eager result, compiled result, names of the qdiff ops in the one captured graph) of fn(*args), aot_eager."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        from torch._dynamo.backends.common import aot_autograd
-
-        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    names = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
-
-
 @parent_only
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_compiled_dispatch(backend):
+def test_compiled_dispatch(backend, recorded_ops):
     """Under torch.compile "auto" is one opaque op; "torch" stays plain ops the compiler sees (and fuses)."""
     x, smooth, _, shift, scale, rows_per_sample, eps, _, _ = op_args()
 
@@ -239,7 +221,7 @@ def test_interp_half_layernorm_and_checks(interpreter):
 
 
 @child_only
-def test_interp_dispatch_and_compiled_op_run_the_kernel(interpreter):
+def test_interp_dispatch_and_compiled_op_run_the_kernel(interpreter, recorded_ops):
     x, smooth, _, shift, scale, rows_per_sample, eps, _, _ = op_args()
 
     def quant(x, smooth, shift, scale):

@@ -59,22 +59,6 @@ def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.qdiff, name).default, op_cases()[name])
 
 
-def recorded_ops(fn, *args):
-    """(eager result, compiled result, names of the qdiff ops in the one captured graph) of fn(*args)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    names = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
-
-
 def assert_same(a, b):
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), (a - b).abs().max()
@@ -123,14 +107,14 @@ def dispatch_cases(backend):
 
 @pytest.mark.skipif(IN_CHILD, reason="the child runs the Triton variant")
 @pytest.mark.parametrize("index", range(6))
-def test_dispatch_records_one_op_under_compile(index):
+def test_dispatch_records_one_op_under_compile(index, recorded_ops):
     expected, fn, args = dispatch_cases("torch")[index]
     eager, compiled, names = recorded_ops(fn, *args)
     assert names == [expected]
     assert_same(eager, compiled)
 
 
-def test_triton_implementations_under_interpreter(run_interpreter_child):
+def test_triton_implementations_under_interpreter(run_interpreter_child, recorded_ops):
     """The ops with backend='triton' (the GPU kernels, here under the interpreter) compile and equal eager calls."""
     if not IN_CHILD:
         if torch.cuda.is_available():

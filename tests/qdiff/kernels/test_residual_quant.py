@@ -139,24 +139,6 @@ def test_opcheck():
                                False))
 
 
-def recorded_ops(fn, *args):
-    """(eager result, compiled result, qdiff op names of the one captured graph) of fn(*args), aot_eager."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        from torch._dynamo.backends.common import aot_autograd
-
-        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    names = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
-
-
 def residual_quant(kind, backend):
     """fn(x, y, gate, shift, scale) of the residual step + LayerNorm-modulate quantization, FP8 or integer."""
     def quant(x, y, gate, shift, scale):
@@ -170,7 +152,7 @@ def residual_quant(kind, backend):
 
 @parent_only
 @pytest.mark.parametrize("kind", ["fp8", "int"])
-def test_compiled_dispatch_is_one_op(kind):
+def test_compiled_dispatch_is_one_op(kind, recorded_ops):
     x, residual, (_, shift, scale, _, _) = op_args()
     eager, compiled, names = recorded_ops(residual_quant(kind, "auto"), x, residual.y, residual.gate, shift, scale)
     assert names == [f"qdiff.quantize{'_fp8' if kind == 'fp8' else ''}_per_token_residual"]
@@ -253,7 +235,7 @@ def test_interp_checks_and_empty(interpreter):
 
 
 @child_only
-def test_interp_compiled_op_runs_the_kernel(interpreter):
+def test_interp_compiled_op_runs_the_kernel(interpreter, recorded_ops):
     x, residual, (_, shift, scale, _, _) = op_args()
     for kind in ("fp8", "int"):
         eager, compiled, names = recorded_ops(residual_quant(kind, "triton"), x, residual.y, residual.gate, shift,
