@@ -96,3 +96,14 @@ def recorded_ops():
         return fn(*args), compiled, [name.removesuffix(".default") for name in names if name.startswith("qdiff.")]
 
     return record
+
+
+@pytest.fixture
+def interpreter():
+    """In a kernel test's interpreter child (TRITON_INTERPRET=1): the shims that make Triton 3.6's CPU interpreter
+    run with numpy >= 2.4 and round float32 -> bf16 / e4m3 casts as the GPU does (`bench.check_int_kernels`)."""
+    from bench.check_int_kernels import install_interpreter_shims
+    from qdiff.kernels.act_quant import interpret_mode
+
+    assert interpret_mode()
+    install_interpreter_shims()

@@ -146,15 +146,6 @@ def test_triton_kernel_in_child(run_interpreter_child):
     run_interpreter_child(__file__, CHILD_FLAG, passed=51)
 
 
-@pytest.fixture
-def interpreter():
-    from bench.check_int_kernels import install_interpreter_shims
-    from qdiff.kernels.act_quant import interpret_mode
-
-    assert interpret_mode()
-    install_interpreter_shims()  # numpy >= 2.4, and the float32 -> bf16 / e4m3 casts rounded as on the GPU
-
-
 def kernel(*args, **kwargs):
     from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
 

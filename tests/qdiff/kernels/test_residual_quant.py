@@ -169,15 +169,6 @@ def test_kernels_in_child(run_interpreter_child):
     run_interpreter_child(__file__, CHILD_FLAG, passed=2 * 2 * 3 * 2 * 2 + 4)
 
 
-@pytest.fixture
-def interpreter():
-    from bench.check_int_kernels import install_interpreter_shims
-    from qdiff.kernels.act_quant import interpret_mode
-
-    assert interpret_mode()
-    install_interpreter_shims()
-
-
 @child_only
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -229,14 +229,6 @@ def test_triton_kernel_in_child(run_interpreter_child):
     run_interpreter_child(__file__, CHILD_FLAG, passed=30)
 
 
-@pytest.fixture
-def interpreter():
-    from bench.check_int_kernels import install_interpreter_shims
-
-    assert sa.interpret_mode()
-    install_interpreter_shims()  # numpy >= 2.4 and bf16 fixes of Triton 3.6's interpreter
-
-
 @child_only
 @pytest.mark.parametrize("config", [(1, 4), (4, 4)])  # 7 rows x 3 heads = 21 problems: 4 does not divide them
 @pytest.mark.parametrize("seq", SEQS)

@@ -288,14 +288,6 @@ def test_frames_in_child(run_interpreter_child):
     run_interpreter_child(__file__, CHILD_FLAG, passed=14)
 
 
-@pytest.fixture
-def interpreter():
-    from bench.check_int_kernels import install_interpreter_shims
-
-    assert sa.interpret_mode()
-    install_interpreter_shims()  # numpy >= 2.4 and bf16 fixes of Triton 3.6's interpreter
-
-
 @child_only
 @pytest.mark.parametrize("config", [(1, 1), (4, 4)])  # 3 x 5 positions x 3 heads = 45 problems: 4 does not divide
 @pytest.mark.parametrize("seq", [5, 16])
