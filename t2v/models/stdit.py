@@ -296,12 +296,13 @@ class STDiTBlock(nn.Module):
         x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
         # frame-major without a table, the temporal linears read exactly the new x: the add runs in their quantization
-        fuse = self.attn_temp.runs_frame_major(x) and temporal_pos_embed is None
+        frame_major = self.attn_temp.runs_frame_major(x)  # decided once per forward (it walks the parameters)
+        fuse = frame_major and temporal_pos_embed is None
         x, x_q = self._residual(x, x_s, gate_msa, *(self.attn_temp.input_linears() if fuse else ()))
 
         # 2. temporal self-attention over the T frames at each position; no norm/modulation and the
         #    spatial gate again, as released (METHOD.md section 1)
-        if x_q is not None or self.attn_temp.runs_frame_major(x):  # in the token order as it is: no permute copies
+        if frame_major:  # in the token order as it is: no permute copies
             x_t = x.view(x.shape[0], T, S, x.shape[-1]) if x_q is None else x_q.reshape(x.shape[0], T, S, x.shape[-1])
             if temporal_pos_embed is not None:
                 x_t = x_t + temporal_pos_embed[:, :, None]  # [1, T, 1, C]
