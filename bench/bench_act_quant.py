@@ -79,6 +79,7 @@ def time_row(kind: str, width: int, fp8: bool, configs: bool) -> dict:
     from qdiff.kernels.act_quant import quantize_per_token_torch, quantize_per_token_triton
     from qdiff.kernels.fp8_quant import e4m3_steps, quantize_fp8_per_token_reference, quantize_fp8_per_token_triton
     from qdiff.kernels.triton_act_quant import AUTOTUNE_CONFIGS
+    from qdiff.kernels.triton_fp8_act_quant import FP8_AUTOTUNE_CONFIGS
 
     x, producer = producer_inputs(kind, width)
     bytes_moved = x.numel() * (2 + 1)  # bf16 in, 8-bit codes out (per-row scalars are negligible)
@@ -113,7 +114,7 @@ def time_row(kind: str, width: int, fp8: bool, configs: bool) -> dict:
         row[f"{name}_codes_max_step"] = int(steps.max().item())
         if configs:
             per_config = {}
-            for config in AUTOTUNE_CONFIGS:
+            for config in FP8_AUTOTUNE_CONFIGS if fp8 else AUTOTUNE_CONFIGS:
                 if config[1] > max(triton.next_power_of_2(width), 128):
                     continue
                 try:

@@ -20,6 +20,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
                                 the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)
   <model>, fast, residual adds apart  with --fast --unfused_residual: the fast rows without the residual step in
                                 the quantization kernel (x + gate·y as its own op, as before session 12)
+  <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
+                                use_fast_accum (Hopper's FP8 accumulation without periodic promotion)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
   <variant> eager               with --eager
   w4a8_fp8 compiled, cached     with --cache_w4: the e4m3 copy of the integer codes kept in memory (no unpacking)
@@ -79,6 +81,10 @@ def parse_args(argv=None):
                    help="with --fast: also the fast rows with the residual adds as separate ops (no residual step in "
                         "the quantization kernel, as before session 12), side by side")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
+    p.add_argument("--fast_accum_rows", action="store_true",
+                   help="with --fast: also the fast rows with torch._scaled_mm's use_fast_accum, side by side")
+    p.add_argument("--fast_only", action="store_true",
+                   help="with --fast: skip the plain compiled rows of each model (the fast rows and the anchor only)")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--depth", type=int, default=28, help="blocks kept (28 = the whole STDiT-XL/2)")
     p.add_argument("--iters", type=int, default=10)
@@ -122,11 +128,14 @@ def gemm_table(iters: int, warmup: int) -> list[dict]:
         try:
             row["fp8_ms"] = cuda_time(lambda: torch._scaled_mm(a8, w8.t(), scale_a=a_scale, scale_b=w_scale_row,
                                                                bias=bias, out_dtype=torch.bfloat16), iters, warmup)
+            row["fp8_fast_accum_ms"] = cuda_time(
+                lambda: torch._scaled_mm(a8, w8.t(), scale_a=a_scale, scale_b=w_scale_row, bias=bias,
+                                         out_dtype=torch.bfloat16, use_fast_accum=True), iters, warmup)
         except RuntimeError as exc:
             row["fp8_error"] = repr(exc)[:200]
         row["quant_eager_ms"] = cuda_time(lambda: quantize_fp8_per_token(a), iters, warmup)
         row["quant_compiled_ms"] = cuda_time(lambda: quantize_compiled(a), iters, warmup)
-        for key in ("bf16", "fp8"):
+        for key in ("bf16", "fp8", "fp8_fast_accum"):
             if f"{key}_ms" in row:
                 row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
         if "fp8_ms" in row:
@@ -164,13 +173,15 @@ def markdown(results: dict) -> str:
                      f"| {row['peak_gib']:.2f} | {row['weight_bytes'] / 1e6:.0f} | {row['resident_bytes'] / 1e6:.0f} | "
                      f"{ratio} | {row['first_call_s']:.0f} |")
     lines += ["", "## Per GEMM (TFLOP/s = 2·M·K·N / time; FP8: e4m3 in, bf16 out, row-wise scales and bias)", "",
-              "| shape | M×K×N | ×/block | bf16 | fp8 _scaled_mm | fp8 incl. compiled quant | quant ms eager / compiled |",
-              "|---|---|---|---|---|---|---|"]
+              "| shape | M×K×N | ×/block | bf16 | fp8 _scaled_mm | fp8, fast accumulation | fp8 incl. compiled quant "
+              "| quant ms eager / compiled |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in results.get("gemms", []):
         fp8 = f"{row['fp8_tflops']:.0f}" if "fp8_tflops" in row else row.get("fp8_error", "–")
+        accum = f"{row['fp8_fast_accum_tflops']:.0f}" if "fp8_fast_accum_tflops" in row else "–"
         with_quant = f"{row['fp8_with_quant_tflops']:.0f}" if "fp8_with_quant_tflops" in row else "–"
         lines.append(f"| {row['shape']} | {row['M']}×{row['K']}×{row['N']} | {row['per_block']} | {row['bf16_tflops']:.0f} "
-                     f"| {fp8} | {with_quant} | {row['quant_eager_ms']:.3f} / {row['quant_compiled_ms']:.3f} |")
+                     f"| {fp8} | {accum} | {with_quant} | {row['quant_eager_ms']:.3f} / {row['quant_compiled_ms']:.3f} |")
     if results.get("breakdown"):
         lines += ["", "## Where one step's device time goes (torch.profiler, ms)", "",
                   "| variant | GEMMs | attention | activation quant | everything else | total |", "|---|---|---|---|---|---|"]
@@ -294,6 +305,18 @@ def main(argv=None) -> int:
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
         numerics.update({f"fast: {key}": value for key, value in fast.items()})
+        layers = [layer for _, layer in fp8_layers(model)]
+        if args.fast_accum_rows and layers:
+            accumulate = {}
+            for layer in layers:
+                layer.fast_accum = True
+            try:
+                run_variants(f"{name} fast, fast accumulation", model, reference, accumulate,
+                             temporal_attention="short_triton", int_act_quant="fused")
+            finally:
+                for layer in layers:
+                    layer.fast_accum = args.fast_accum
+            numerics.update({f"fast accumulation: {key}": value for key, value in accumulate.items()})
 
     # the bare bf16 block stack, first: nothing else on the GPU yet
     if Path(args.anchor).is_file():
@@ -321,9 +344,10 @@ def main(argv=None) -> int:
     if "bf16" in args.only:
         try:
             model = copy.deepcopy(base).cuda().to(torch.bfloat16)
-            run_variants("bf16", model, None, results["numerics"].setdefault("bf16", {}))
+            if not (args.fast and args.fast_only):
+                run_variants("bf16", model, None, results["numerics"].setdefault("bf16", {}))
             if args.fast:
-                run_fast("bf16", model, None, results["numerics"]["bf16"])
+                run_fast("bf16", model, None, results["numerics"].setdefault("bf16", {}))
             del model
         except Exception as exc:  # noqa: BLE001
             fail("bf16", exc)
@@ -358,7 +382,8 @@ def main(argv=None) -> int:
             release()
             save()
             continue
-        run_variants(name, qmodel, fake, numerics)
+        if not (args.fast and args.fast_only):
+            run_variants(name, qmodel, fake, numerics)
         if args.fast:
             run_fast(name, qmodel, fake, numerics)
         if name == "w4a8_fp8" and args.cache_w4:

@@ -20,7 +20,8 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            (problems, warps) config of its CONFIGS in bf16; output vs the float32 reference (max error ≤ 1e-5 of
            the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
   fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
-           LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, both tiles, exact and fast division;
+           LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, exact and fast division, the two
+           tiles and the whole rows read as a piece and a tail (FP8_TILES);
            tuned_fp8_* autotuned
   *_residual_*  act_ and fp8_ variants with the residual step in front (`fused_producers.Residual`: s = x + gate·y,
            gated or not, y row-strided), then no producer or LayerNorm+modulate: the written s must equal the eager
@@ -60,8 +61,12 @@ ACT_TILES = {"whole": (2, 8192, 8), "chunked": (16, 256, 4)}  # (ROWS, BLOCK_K, 
 GEMM_TILE = (128, 128, 64, 5, 4)  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): W4 K=1152 has EVEN_K false with 128
 ACT_SHAPES = ((300, 1152), (77, 4608), (5, 1168))
 GEMM_SHAPES = ((300, 1152, 1152), (77, 2304, 1152), (129, 1152, 4608), (33, 40, 72))
+# the FP8 kernel's whole rows read as a power-of-two piece and a tail (K = 1152 and 1168 with 1024 lanes, K = 4608
+# with 4096), both in its FP8_AUTOTUNE_CONFIGS
+FP8_TILES = {**ACT_TILES, "split1024": (4, 1024, 4), "split4096": (2, 4096, 8)}
 if INTERPRET:  # the interpreter runs numpy per program: small problems, small tiles
     ACT_TILES = {"whole": (4, 256, 4), "chunked": (8, 64, 4)}
+    FP8_TILES = {**ACT_TILES, "split": (4, 128, 4)}  # K = 160 as 128 + 32
     GEMM_TILE = (32, 32, 32, 1, 4)
     ACT_SHAPES = ((38, 160), (5, 200))
     GEMM_SHAPES = ((37, 48, 96), (19, 40, 66))
@@ -126,17 +131,18 @@ def variants() -> list[tuple]:
                                  frames=frames, dtype=dtype, tile=tile)))
     for producer, smooth in FP8_VARIANTS:
         for dtype, fast in (("bfloat16", False), ("float32", False), ("bfloat16", True)):
-            for tile in ACT_TILES:
+            for tile in FP8_TILES:
                 out.append((f"fp8_{producer}{'_smooth' if smooth else ''}_{dtype}{'_fast' if fast else ''}_{tile}",
                             "fp8", dict(producer=producer, smooth=smooth, dtype=dtype, fast=fast, tile=tile)))
     for producer in ("none", "layernorm_modulate"):
         for gated in (True, False):
-            for tile in ACT_TILES:
+            for tile in FP8_TILES:
                 name = f"{producer}_residual{'_gated' if gated else ''}_bfloat16_{tile}"
                 out.append((f"fp8_{name}", "fp8", dict(producer=producer, smooth=False, dtype="bfloat16", fast=False,
                                                        tile=tile, residual=gated)))
-                out.append((f"act_{name}", "act", dict(producer=producer, r_out=1, dtype="bfloat16", tile=tile,
-                                                       residual=gated)))
+                if tile in ACT_TILES:
+                    out.append((f"act_{name}", "act", dict(producer=producer, r_out=1, dtype="bfloat16", tile=tile,
+                                                           residual=gated)))
     for frames in (False, True):
         out.append((f"proj_r1{'_frames' if frames else ''}", "proj", dict(frames=frames)))
     from qdiff.kernels.short_attention import CONFIGS as ATTENTION_CONFIGS, DEFAULT_CONFIG as DEFAULT_ATTENTION_CONFIG
@@ -273,7 +279,7 @@ def check_fp8(params: dict, tuned: bool = False) -> str:
         if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
             producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))
         result = quantize_fp8_per_token_triton(x.to(device), None if smooth is None else smooth.to(device),
-                                               producer, config=None if tuned else ACT_TILES[params["tile"]],
+                                               producer, config=None if tuned else FP8_TILES[params["tile"]],
                                                fast=params["fast"], residual=_residual_on(residual, device))
         if residual is not None:
             _compare_residual(result[2], x, residual)

@@ -102,8 +102,9 @@ def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | 
                                   fast: bool = False, residual: Residual | None = None) -> tuple[torch.Tensor, ...]:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference,
     x [M, K] float32, float16 or bfloat16. config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter
-    always needs one). fast: one reciprocal per row instead of IEEE division (see the module docstring).
-    residual: run the residual step first and return (codes, scale, s) as `quantize_fp8_residual_reference`."""
+    always needs one); a row up to a quarter longer than BLOCK_K is read whole, with a tail piece. fast: one
+    reciprocal per row instead of IEEE division (see the module docstring). residual: run the residual step first
+    and return (codes, scale, s) as `quantize_fp8_residual_reference`."""
     import triton
 
     x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer,
@@ -129,8 +130,10 @@ def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | 
         kernels.fp8_act_quant_tuned[lambda meta: (triton.cdiv(rows, meta["ROWS"]),)](*args, **flags)
     else:
         block_rows, block_k, warps = config or (16, 64, 4)
+        tail = kernels.tail_width(cols, block_k)
         kernels.fp8_act_quant_kernel[(triton.cdiv(rows, block_rows),)](
-            *args, **flags, ONE_CHUNK=cols <= block_k, ROWS=block_rows, BLOCK_K=block_k, num_warps=warps)
+            *args, **flags, ONE_CHUNK=cols <= block_k + tail, TAIL_K=tail, ROWS=block_rows, BLOCK_K=block_k,
+            num_warps=warps)
     return result
 
 

@@ -250,6 +250,17 @@ def one_chunk(meta) -> bool:
     return meta["K"] <= meta["BLOCK_K"]
 
 
+def tail_width(width: int, block_k: int) -> int:
+    """Lanes of the tail piece that completes a row of `width` = K elements read as BLOCK_K + tail, when K exceeds
+    BLOCK_K by at most a quarter of it (0: no tail). K = 1152 then reads as 1024 + 128 lanes and K = 4608 as
+    4096 + 512, where one power-of-two chunk would pad the row to 2048 or 8192 lanes (and compute on the padding)."""
+    rest = width - block_k
+    if rest <= 0:
+        return 0
+    tail = max(16, triton.next_power_of_2(rest))
+    return tail if tail <= block_k // 4 else 0
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Drop chunks wider than the row needs (K rounded up to a power of two)."""
     width = triton.next_power_of_2(named_args["K"])

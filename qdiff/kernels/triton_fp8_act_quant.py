@@ -32,8 +32,8 @@ from qdiff.kernels.triton_act_quant import (
     _produce,
     _row_moments,
     _store_residual,
-    one_chunk,
     prune_configs,
+    tail_width,
 )
 
 INTERPRETED = interpret_mode()
@@ -59,15 +59,29 @@ def _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST: tl.con
 
 
 @triton.jit
+def _split_moments(x, valid, x_tail, tail_valid, K, eps):
+    """LayerNorm (mean, rstd) [ROWS] of rows held whole in two pieces x [ROWS, BLOCK_K] and x_tail [ROWS, TAIL_K]
+    (x's dtype; 0 outside their masks)."""
+    width = K * 1.0
+    x32, tail32 = x.to(tl.float32), x_tail.to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(x32, axis=1) + tl.sum(tail32, axis=1), width)
+    dev = tl.where(valid, x32 - mean[:, None], 0.0)
+    tail_dev = tl.where(tail_valid, tail32 - mean[:, None], 0.0)
+    variance = tl.math.div_rn(tl.sum(dev * dev, axis=1) + tl.sum(tail_dev * tail_dev, axis=1), width)
+    return mean, 1.0 / tl.sqrt_rn(variance + eps)
+
+
+@triton.jit
 def fp8_act_quant_kernel(
     x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, y_ptr, gate_ptr, out_ptr, M, K, stride_xm, stride_cm,
     rows_per_sample, stride_mod, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
     SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr, TAIL_K: tl.constexpr,
 ):
-    """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else two passes over K in chunks (the re-read hits L2), after
-    the LayerNorm moments when producer 1 is fused: the absmax, then the codes. RESIDUAL (1: x + y, 2: x + gate·y):
-    every pass recomputes s from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
+    """ONE_CHUNK (K ≤ BLOCK_K + TAIL_K): the row is read once, as one BLOCK_K piece and, TAIL_K > 0, a TAIL_K piece
+    after it (`tail_width`). Else two passes over K in chunks (the re-read hits L2), after the LayerNorm moments when
+    producer 1 is fused: the absmax, then the codes. RESIDUAL (1: x + y, 2: x + gate·y): every pass recomputes s
+    from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
@@ -79,12 +93,28 @@ def fp8_act_quant_kernel(
         valid = row_ok[:, None] & (cols < K)[None, :]
         x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
         _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)
+        if TAIL_K > 0:  # the rest of the row: [ROWS, TAIL_K] at column BLOCK_K
+            tail_cols = BLOCK_K + tl.arange(0, TAIL_K)
+            tail_valid = row_ok[:, None] & (tail_cols < K)[None, :]
+            x_tail = _load_input(x_ptr, y_ptr, gate_ptr, rows, tail_cols, tail_valid, stride_xm, stride_ym, gate_row,
+                                 RESIDUAL)
+            _store_residual(x_tail, out_ptr, rows, tail_cols, tail_valid, stride_om, RESIDUAL)
         if PRODUCER == LAYERNORM_MODULATE:
-            mean, rstd = _chunk_moments(x, valid, K, eps)
+            if TAIL_K > 0:
+                mean, rstd = _split_moments(x, valid, x_tail, tail_valid, K, eps)
+            else:
+                mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                      PRODUCER, FAST)
-        scale = _row_scale(tl.max(tl.abs(v), axis=1))
+        absmax = tl.max(tl.abs(v), axis=1)
+        if TAIL_K > 0:
+            v_tail = _produce(x_tail, tail_valid, tail_cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod,
+                              mean, rstd, SMOOTH, PRODUCER, FAST)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(v_tail), axis=1))
+        scale = _row_scale(absmax)
         _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
+        if TAIL_K > 0:
+            _store_codes(v_tail, tail_valid, rows, tail_cols, scale, codes_ptr, stride_cm, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
             mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
@@ -109,7 +139,18 @@ def fp8_act_quant_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
-configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
+def _tail_k(meta) -> int:
+    return tail_width(meta["K"], meta["BLOCK_K"])
+
+
+def _whole_row(meta) -> bool:
+    return meta["K"] <= meta["BLOCK_K"] + meta["TAIL_K"]
+
+
+# the integer kernel's tiles, and whole rows read as a power-of-two piece and a tail: K = 1152 as 1024 + 128,
+# K = 4608 as 4096 + 512
+FP8_AUTOTUNE_CONFIGS = AUTOTUNE_CONFIGS + ((4, 1024, 4), (8, 1024, 8), (1, 4096, 4), (2, 4096, 8))
+configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in FP8_AUTOTUNE_CONFIGS]
 fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL"],
                                       prune_configs_by={"early_config_prune": prune_configs})(
-    triton.heuristics({"ONE_CHUNK": one_chunk})(fp8_act_quant_kernel))
+    triton.heuristics({"TAIL_K": _tail_k, "ONE_CHUNK": _whole_row})(fp8_act_quant_kernel))

@@ -34,7 +34,8 @@ IN_CHILD = os.environ.get(CHILD_FLAG) == "1"
 parent_only = pytest.mark.skipif(IN_CHILD, reason="the parent process runs the CPU reference checks")
 child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child (test_kernels_in_child)")
 
-TILES = [(16, 32, 4), (8, 256, 4)]  # (ROWS, BLOCK_K, warps): chunked multi-pass, and the whole row at once
+# (ROWS, BLOCK_K, warps): chunked multi-pass, the whole row at once, and (FP8 kernel) K = 72 as 64 + a 16-lane tail
+TILES = [(16, 32, 4), (8, 256, 4), (8, 64, 4)]
 SHAPES = [(2, 19, 72), (1, 37, 200), (2, 3, 64)]  # (B, N, K): ragged M = B·N; K = 200 chunked by both tiles
 
 
@@ -93,7 +94,8 @@ def assert_int_result_equal(got, expected):
         assert_bits_equal(getattr(act, name), getattr(ref, name), name)
     assert (act.proj is None) == (ref.proj is None)
     if ref.proj is not None:
-        torch.testing.assert_close(act.proj, ref.proj, rtol=1e-5, atol=1e-5)
+        # float32 sums in the kernel's chunk order (64-lane chunks moved one of 37 sums by 1.8e-5)
+        torch.testing.assert_close(act.proj, ref.proj, rtol=1e-4, atol=1e-4)
     assert_bits_equal(s, ref_s, "s")
 
 
@@ -166,7 +168,7 @@ def test_kernels_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernels directly")
-    run_interpreter_child(__file__, CHILD_FLAG, passed=2 * 2 * 3 * 2 * 2 + 4)
+    run_interpreter_child(__file__, CHILD_FLAG, passed=3 * 2 * 3 * 2 * 2 + 4)
 
 
 @child_only
