@@ -25,7 +25,8 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            tuned_fp8_* autotuned
   *_residual_*  act_ and fp8_ variants with the residual step in front (`fused_producers.Residual`: s = x + gate·y,
            gated or not, y row-strided), then no producer or LayerNorm+modulate: the written s must equal the eager
-           `x + gate * y` bit for bit, codes and scales as for the variant without it
+           `x + gate * y` bit for bit, codes and scales as for the variant without it; *_table_*: the codes of
+           s + table[frame] (the temporal q/k/v input, `Residual.table`)
   compiled_*  torch.compile of the tiny STDiT (`compile_blocks`, fullgraph, inductor; aot_eager under the
            interpreter) vs the same model eager on the device: float (bf16), fake-quant W4A8, the IntLinear models
            (custom-op GEMM; activation quantization in plain torch, or the Triton kernel as a custom op) and the
@@ -143,6 +144,13 @@ def variants() -> list[tuple]:
                 if tile in ACT_TILES:
                     out.append((f"act_{name}", "act", dict(producer=producer, r_out=1, dtype="bfloat16", tile=tile,
                                                            residual=gated)))
+    for tile in FP8_TILES:  # the temporal q/k/v input: spatial residual step plus the temporal table
+        name = f"none_residual_gated_table_bfloat16_{tile}"
+        out.append((f"fp8_{name}", "fp8", dict(producer="none", smooth=False, dtype="bfloat16", fast=False, tile=tile,
+                                               residual=True, table=True)))
+        if tile in ACT_TILES:
+            out.append((f"act_{name}", "act", dict(producer="none", r_out=1, dtype="bfloat16", tile=tile,
+                                                   residual=True, table=True)))
     for frames in (False, True):
         out.append((f"proj_r1{'_frames' if frames else ''}", "proj", dict(frames=frames)))
     from qdiff.kernels.short_attention import CONFIGS as ATTENTION_CONFIGS, DEFAULT_CONFIG as DEFAULT_ATTENTION_CONFIG
@@ -184,14 +192,25 @@ def _producer(kind: str, rows: int, cols: int, dtype, device, gen):
     return LayerNormModulate(shift, scale, rows // batch, 1e-6)
 
 
-def _residual(rows: int, cols: int, dtype, gen, gated: bool):
-    """A Residual (CPU) for x [rows, cols]: y a row-strided view, gate [B, K] or None."""
+def _residual(rows: int, cols: int, dtype, gen, gated: bool, table: bool = False):
+    """A Residual (CPU) for x [rows, cols]: y a row-strided view, gate [B, K] or None; with `table` a per-frame table
+    [T, K] (the temporal position table the temporal q/k/v read), T dividing each sample's rows."""
     from qdiff.kernels.fused_producers import Residual
 
     batch = 2 if rows % 2 == 0 else 1
     y = (torch.randn(rows, cols + 8, generator=gen) * 3).to(dtype)[:, 4:cols + 4]
     gate = (torch.randn(batch, cols, generator=gen) * 0.7).to(dtype) if gated else None
-    return Residual(y, gate, rows // batch)
+    if not table:
+        return Residual(y, gate, rows // batch)
+    per_sample = rows // batch
+    frames = next(d for d in (5, 7, 4, 19, 1) if per_sample % d == 0)
+    frame_table = (torch.randn(frames, cols, generator=gen) * 0.5).to(dtype)
+    return Residual(y, gate, per_sample, frame_table, per_sample // frames)
+
+
+def _quantizer_input(x, residual):
+    """What the kernel quantizes (before its producer): x, or the residual step's s plus the table (eager ops)."""
+    return x if residual is None else residual.add_table(residual.apply(x))
 
 
 def _residual_on(residual, device):
@@ -245,8 +264,9 @@ def check_act(params: dict, tuned: bool = False) -> str:
             kwargs["frame_factor"] = torch.rand(16, generator=gen) + 0.5
         producer = _producer(params.get("producer", "none"), rows, cols, dtype, "cpu", gen)
         symmetric = params.get("symmetric", False)
-        residual = _residual(rows, cols, dtype, gen, params["residual"]) if "residual" in params else None
-        source = x if residual is None else residual.apply(x)  # the residual step: the eager ops on the CPU
+        residual = (_residual(rows, cols, dtype, gen, params["residual"], params.get("table", False))
+                    if "residual" in params else None)
+        source = _quantizer_input(x, residual)  # the residual step (and table): the eager ops on the CPU
         reference = quantize_per_token_reference(source, bits, symmetric, **kwargs, producer=producer)
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
@@ -273,8 +293,9 @@ def check_fp8(params: dict, tuned: bool = False) -> str:
         x[0] = 0  # an all-zero token
         smooth = torch.rand(cols, generator=gen) + 0.5 if params.get("smooth") else None
         producer = _producer(params["producer"], rows, cols, dtype, "cpu", gen)
-        residual = _residual(rows, cols, dtype, gen, params["residual"]) if "residual" in params else None
-        source = x if residual is None else residual.apply(x)  # the residual step: the eager ops on the CPU
+        residual = (_residual(rows, cols, dtype, gen, params["residual"], params.get("table", False))
+                    if "residual" in params else None)
+        source = _quantizer_input(x, residual)  # the residual step (and table): the eager ops on the CPU
         codes_ref, scale_ref = quantize_fp8_per_token_reference(source, smooth, producer)  # CPU: IEEE division
         if hasattr(producer, "shift"):  # LayerNormModulate: its tensors too
             producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))

@@ -15,8 +15,10 @@ for TQE's post-quantizer term, proj[m, j] = f_m · Σ_k x̂[m, k]·A_out[j, k] w
 f_m = frame_factor[m mod T] (temporal layers: 1 + m_t).
 
 `quantize_per_token_residual(x, residual, bits, ...)` runs a residual step first (`fused_producers.Residual`):
-s = x + gate·y in x's dtype, returned as the new residual stream, and the codes of producer(s) as above, from one
-pass of the kernel (the reference: the eager `x + gate * y`, then `quantize_per_token_reference`).
+s = x + gate·y in x's dtype, returned as the new residual stream, and the codes of producer(u) as above, from one
+pass of the kernel, with u = s, or u = s + table[(m // rows_per_frame) % T] (rounded to x's dtype) when the
+residual carries a per-frame table (the reference: the eager `x + gate * y`, the eager table add
+`Residual.add_table`, then `quantize_per_token_reference` of u).
 """
 from __future__ import annotations
 
@@ -221,9 +223,10 @@ def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, 
 def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> tuple:
     """Check and lay out the residual step's inputs for x [M, K] (as `kernel_inputs` returns it): (y [M, K] with
     unit column stride, gate [B, K] contiguous, s: the new residual stream [M, K] to write, gate rows_per_sample,
-    gate row stride, RESIDUAL kind); without a residual x stands in for the unused pointers."""
+    gate row stride, RESIDUAL kind, table [T, K] contiguous, table rows_per_frame, T (0: no table)); without a
+    residual (or gate, or table) x stands in for the unused pointers."""
     if residual is None:
-        return x, x, x, 1, 0, NO_RESIDUAL
+        return x, x, x, 1, 0, NO_RESIDUAL, x, 1, 0
     rows, cols = x.shape
     y = residual.y
     if y.shape != x.shape or y.dtype != x.dtype:
@@ -231,16 +234,26 @@ def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> 
     if y.stride(-1) != 1:
         y = y.contiguous()
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    table, frames = residual.table, 0
+    if table is not None:
+        frames = table.shape[0]
+        if table.shape != (frames, cols) or table.dtype != x.dtype or frames == 0:
+            raise ValueError(f"{caller}: table: expected {x.dtype} [T, {cols}], got {table.dtype} {tuple(table.shape)}")
+        if rows % (frames * residual.rows_per_frame):
+            raise ValueError(f"Residual: M = {rows} is not a multiple of {frames} frames x {residual.rows_per_frame} "
+                             "rows")
+        table = table.contiguous()
+    table_args = (x if table is None else table, residual.rows_per_frame, frames)
     gate = residual.gate
     if gate is None:
-        return y, x, out, 1, 0, residual.kind
+        return y, x, out, 1, 0, residual.kind, *table_args
     batch = gate.shape[0]
     if gate.shape != (batch, cols) or gate.dtype != x.dtype:
         raise ValueError(f"{caller}: gate: expected {x.dtype} [B, {cols}], got {gate.dtype} {tuple(gate.shape)}")
     if batch * residual.rows_per_sample != rows:
         raise ValueError(f"Residual: {batch} samples x {residual.rows_per_sample} rows != M = {rows}")
     gate = gate.contiguous()
-    return y, gate, out, residual.rows_per_sample, gate.stride(0), residual.kind
+    return y, gate, out, residual.rows_per_sample, gate.stride(0), residual.kind, *table_args
 
 
 def quantize_per_token_triton(
@@ -257,7 +270,7 @@ def quantize_per_token_triton(
     residual: Residual | None = None,
 ) -> ActCodes | tuple[ActCodes, torch.Tensor]:
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
-    With a residual step: (ActCodes of producer(s), s [M, K]) as `quantize_per_token_residual_reference`.
+    With a residual step: (ActCodes of producer(u), s [M, K]) as `quantize_per_token_residual_reference`.
 
     config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter always needs one).
     fast: the GPU's approximate float32 division (x·(1/Δ) per row, GELU and smoothing with `/`) instead of IEEE
@@ -268,8 +281,8 @@ def quantize_per_token_triton(
     import triton
 
     x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer, "quantize_per_token")
-    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind = residual_inputs(x, residual,
-                                                                                     "quantize_per_token")
+    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind, table, rows_per_frame, frames_in_table = \
+        residual_inputs(x, residual, "quantize_per_token")
     q_min, q_max, offset = grid(bits, symmetric)
     rows, cols = x.shape
     device = x.device
@@ -292,14 +305,15 @@ def quantize_per_token_triton(
         return act if residual is None else (act, out)
     args = (x, smooth if smooth is not None else x, shift, mscale, codes, scale, zero, rowsum,
             post_a if kernel_rank else scale, proj,
-            frames if frames is not None else scale, y, gate, out, rows, cols, x.stride(0), codes.stride(0),
+            frames if frames is not None else scale, y, gate, out, table, rows, cols, x.stride(0), codes.stride(0),
             rows_per_sample, shift.stride(0), 0 if frames is None else frames.shape[0],
             float(static[0]) if static else 0.0, float(static[1]) if static else 0.0,
             float(q_min), float(q_max), float(offset), MIN_DELTA, eps, y.stride(0), out.stride(0),
-            gate_rows_per_sample, stride_gate)
+            gate_rows_per_sample, stride_gate, rows_per_frame, frames_in_table)
     flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=kernel_rank,
                  FRAMES=frames is not None and kernel_rank > 0,
-                 PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast), RESIDUAL=residual_kind)
+                 PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast), RESIDUAL=residual_kind,
+                 TABLE=frames_in_table > 0)
     # LayerNorm + modulate, and the residual step: no fma contraction. With it, LLVM fuses the modulation's bf16
     # multiply and add into one fma.rn.bf16 on sm_90, skipping the eager rounding of the product: 15-19% of the codes
     # moved on an H100 (the gate's product and the residual sum likewise)
@@ -399,16 +413,19 @@ def _compiled_quantize_per_token(x, bits, symmetric, smooth_scale, static, post_
 def quantize_per_token_residual_reference(x: torch.Tensor, residual: Residual, bits: int, symmetric: bool = False,
                                           smooth_scale=None, static=None, post_a=None, frame_factor=None,
                                           producer=None) -> tuple[ActCodes, torch.Tensor]:
-    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_per_token_reference` of s: (ActCodes, s)."""
+    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_per_token_reference` of u =
+    residual.add_table(s) (s itself without a table): (ActCodes of u, s)."""
     s = residual.apply(x)
-    return quantize_per_token_reference(s, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer), s
+    u = residual.add_table(s)
+    return quantize_per_token_reference(u, bits, symmetric, smooth_scale, static, post_a, frame_factor, producer), s
 
 
 def quantize_per_token_residual(x: torch.Tensor, residual: Residual, bits: int, symmetric: bool = False,
                                 smooth_scale=None, static=None, post_a=None, frame_factor=None, producer=None,
                                 backend: str = "auto", fast: bool = False) -> tuple[ActCodes, torch.Tensor]:
-    """x [M, K] -> (ActCodes of producer(s), s [M, K] in x's dtype) with s = x + gate·y (`Residual`): the residual
-    step and the quantization in one kernel pass that writes s once; dispatch as `quantize_per_token`."""
+    """x [M, K] -> (ActCodes of producer(u), s [M, K] in x's dtype) with s = x + gate·y and u = s (+ the residual's
+    per-frame table) (`Residual`): the residual step and the quantization in one kernel pass that writes s once;
+    dispatch as `quantize_per_token`."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
@@ -416,8 +433,9 @@ def quantize_per_token_residual(x: torch.Tensor, residual: Residual, bits: int, 
         static_delta, static_zero = ((float(static[0]), float(static[1])) if static is not None
                                      else (_ops.NO_STATIC, 0.0))
         codes, scale, zero, rowsum, proj, s = _ops.quantize_per_token_residual_op(
-            x, residual.y, residual.gate, residual.rows_per_sample, bits, symmetric, smooth_scale, static_delta,
-            static_zero, post_a, frame_factor, kind, shift, mscale, rows_per_sample, eps, backend, fast)
+            x, residual.y, residual.gate, residual.rows_per_sample, residual.table, residual.rows_per_frame, bits,
+            symmetric, smooth_scale, static_delta, static_zero, post_a, frame_factor, kind, shift, mscale,
+            rows_per_sample, eps, backend, fast)
         return ActCodes(codes, scale, zero, rowsum, proj if post_a is not None and post_a.shape[0] else None), s
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton_available(x.device))
     if use_triton:

@@ -28,9 +28,12 @@ eager CUDA reference's scales can differ from the kernel's in the last bit.)
 
 Residual step: `quantize_fp8_residual(x, residual, smooth_scale=None, producer=None, backend, fast)` computes
 s = x + gate·y first (`qdiff.kernels.fused_producers.Residual`, the eager `x + gate * y` rounded as eager rounds
-it), returns it as the new residual stream with the codes and scales of producer(s) / s_smooth: (codes, scale, s),
-one kernel pass (custom op `torch.ops.qdiff.quantize_fp8_per_token_residual` under torch.compile). The sum and the
-product are exact float32 operations rounded once to x's dtype, so s equals the eager one bit for bit.
+it), returns it as the new residual stream with the codes and scales of producer(u) / s_smooth: (codes, scale, s),
+one kernel pass (custom op `torch.ops.qdiff.quantize_fp8_per_token_residual` under torch.compile). u = s, or, when
+the residual carries a per-frame table [T, K] (the temporal attention's `x + temporal_pos_embed`),
+u = s + table[(m // rows_per_frame) % T] rounded to x's dtype (`Residual.add_table`); the returned s never holds
+the table. The sum, the product and the table add are exact float32 operations each rounded once to x's dtype, so
+s and u equal the eager ones bit for bit.
 
 Integers of magnitude ≤ 16 are exact in e4m3 (3 mantissa bits), so integer weight codes minus their zero point
 are exact there when |q − z| ≤ 16: affine grids of ≤ 4 bits, symmetric grids of ≤ 5 bits (`exact_in_e4m3`).
@@ -103,25 +106,25 @@ def quantize_fp8_per_token_triton(x: torch.Tensor, smooth_scale: torch.Tensor | 
     """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference,
     x [M, K] float32, float16 or bfloat16. config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter
     always needs one); a row up to a quarter longer than BLOCK_K is read whole, with a tail piece. fast: one
-    reciprocal per row instead of IEEE division (see the module docstring). residual: run the residual step first
-    and return (codes, scale, s) as `quantize_fp8_residual_reference`."""
+    reciprocal per row instead of IEEE division (see the module docstring). residual: run the residual step (and its
+    table add) first and return (codes, scale, s) as `quantize_fp8_residual_reference`."""
     import triton
 
     x, smooth, shift, mscale, rows_per_sample, eps = kernel_inputs(x, smooth_scale, producer,
                                                                     "quantize_fp8_per_token")
-    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind = residual_inputs(x, residual,
-                                                                                     "quantize_fp8_per_token")
+    y, gate, out, gate_rows_per_sample, stride_gate, residual_kind, table, rows_per_frame, frames = \
+        residual_inputs(x, residual, "quantize_fp8_per_token")
     rows, cols = x.shape
     codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     result = (codes, scale) if residual is None else (codes, scale, out)
     if rows == 0:
         return result
-    args = (x, x if smooth is None else smooth, shift, mscale, codes, scale, y, gate, out, rows, cols, x.stride(0),
-            codes.stride(0), rows_per_sample, shift.stride(0), eps, y.stride(0), out.stride(0), gate_rows_per_sample,
-            stride_gate)
+    args = (x, x if smooth is None else smooth, shift, mscale, codes, scale, y, gate, out, table, rows, cols,
+            x.stride(0), codes.stride(0), rows_per_sample, shift.stride(0), eps, y.stride(0), out.stride(0),
+            gate_rows_per_sample, stride_gate, rows_per_frame, frames)
     flags = dict(SMOOTH=smooth is not None, PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast),
-                 RESIDUAL=residual_kind)
+                 RESIDUAL=residual_kind, TABLE=frames > 0)
     # LayerNorm + modulate and the residual step: no fma contraction, each op keeps its rounding (see
     # triton_fp8_act_quant)
     flags["enable_fp_fusion"] = not (isinstance(producer, LayerNormModulate) or residual is not None)
@@ -157,24 +160,26 @@ def quantize_fp8_per_token(x: torch.Tensor, smooth_scale: torch.Tensor | None = 
 def quantize_fp8_residual_reference(x: torch.Tensor, residual: Residual, smooth_scale: torch.Tensor | None = None,
                                     producer: LayerNormModulate | GeluTanh | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_fp8_per_token_reference` of s:
-    (codes, scale, s), x [M, K]."""
+    """s = residual.apply(x) (the eager `x + gate * y`), then `quantize_fp8_per_token_reference` of u =
+    residual.add_table(s) (s itself without a table): (codes, scale of u; s), x [M, K]."""
     s = residual.apply(x)
-    return (*quantize_fp8_per_token_reference(s, smooth_scale, producer), s)
+    return (*quantize_fp8_per_token_reference(residual.add_table(s), smooth_scale, producer), s)
 
 
 def quantize_fp8_residual(x: torch.Tensor, residual: Residual, smooth_scale: torch.Tensor | None = None,
                           producer: LayerNormModulate | GeluTanh | None = None, backend: str = "torch",
                           fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (codes, scale, s): s = x + gate·y [M, K] in x's dtype (the new residual stream) and the FP8 codes
-    of producer(s) / s_smooth, from one kernel pass; backends and dispatch as `quantize_fp8_per_token`."""
+    of producer(u) / s_smooth, u = s (+ the residual's per-frame table), from one kernel pass; backends and dispatch
+    as `quantize_fp8_per_token`."""
     if backend not in FP8_QUANT_BACKENDS:
         raise ValueError(f"backend: expected one of {list(FP8_QUANT_BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return quantize_fp8_residual_reference(x, residual, smooth_scale, producer)
     if torch.compiler.is_compiling():  # one opaque op for dynamo: it never traces a Triton launcher
         return _ops.quantize_fp8_per_token_residual_op(x, residual.y, residual.gate, residual.rows_per_sample,
-                                                       smooth_scale, *producer_args(producer), backend, fast)
+                                                       residual.table, residual.rows_per_frame, smooth_scale,
+                                                       *producer_args(producer), backend, fast)
     if backend == "triton" or (x.is_cuda and triton_available(x.device)):
         return quantize_fp8_per_token_triton(x, smooth_scale, producer, fast=fast, residual=residual)
     return quantize_fp8_residual_reference(x, residual, smooth_scale, producer)

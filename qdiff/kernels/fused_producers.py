@@ -3,7 +3,8 @@ quantizes it per token in the same pass, so the activation itself never goes thr
 
 In front of the producer the kernels may also run a residual step (`Residual`): s = x + gate·y, written out as the
 new residual stream, then produced from and quantized (the block's `x = x + gate·branch` followed by the next
-linears' input, one pass instead of an add kernel and a quantization pass).
+linears' input, one pass instead of an add kernel and a quantization pass). With a per-frame table the quantized
+input is u = s + table[frame] (the temporal attention's `x + temporal_pos_embed`), while s stays the stream.
 
 Each producer is a small description with its PyTorch reference (`apply`), which runs the model's own eager ops;
 `qdiff.kernels.act_quant.quantize_per_token(x, ..., producer=p)` quantizes p.apply(x). The Triton kernel repeats the
@@ -22,15 +23,19 @@ NO_RESIDUAL, RESIDUAL_ADD, RESIDUAL_GATED_ADD = 0, 1, 2  # the kernel's RESIDUAL
 
 class Residual(NamedTuple):
     """The residual step in front of the producer: s = x + gate·y (gate None: x + y), each op rounded to x's dtype
-    as the eager ops round it (`gate * y`, then the sum; no fma).
+    as the eager ops round it (`gate * y`, then the sum; no fma). s is the new residual stream; the producer reads
+    u = s + table[frame(m)] (rounded to x's dtype, as the eager add), or s itself without a table.
 
     y: [M, K] in x's dtype, the same rows as x; gate: [B, K] in x's dtype or None; row m of x belongs to sample
-    m // rows_per_sample.
+    m // rows_per_sample. table: [T, K] in x's dtype or None; row m belongs to frame (m // rows_per_frame) % T
+    (frame-major rows [B, T, rows_per_frame, K]; M a multiple of T·rows_per_frame).
     """
 
     y: torch.Tensor
     gate: torch.Tensor | None = None
     rows_per_sample: int = 1
+    table: torch.Tensor | None = None
+    rows_per_frame: int = 1
 
     @property
     def kind(self) -> int:
@@ -42,6 +47,14 @@ class Residual(NamedTuple):
             return x + self.y
         batch, width = self.gate.shape
         return (x.reshape(batch, -1, width) + self.gate[:, None] * self.y.reshape(batch, -1, width)).reshape(x.shape)
+
+    def add_table(self, s: torch.Tensor) -> torch.Tensor:
+        """s [M, K] -> the producer's input u [M, K]: s + table[frame(m)] with the eager op of the block's
+        `x [B, T, S, K] + temporal_pos_embed[:, :, None]`; s itself without a table."""
+        if self.table is None:
+            return s
+        frames, width = self.table.shape
+        return (s.reshape(-1, frames, self.rows_per_frame, width) + self.table[:, None]).reshape(s.shape)
 
 
 class LayerNormModulate(NamedTuple):

@@ -16,11 +16,14 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
         -> (codes [M, K] int8, scale [M] f32, zero [M] i32, rowsum [M] i32, proj [M, r] f32; r = 0 without post_a)
     torch.ops.qdiff.quantize_fp8_per_token(x, smooth_scale, producer, shift, mscale, rows_per_sample, eps, backend,
                                            fast) -> (codes [M, K] float8_e4m3fn, scale [M, 1] f32)
-    torch.ops.qdiff.quantize_per_token_residual(x, y, gate, gate_rows_per_sample, <quantize_per_token's arguments
-                                                after x>) -> (<quantize_per_token's outputs>, s [M, K] like x)
-    torch.ops.qdiff.quantize_fp8_per_token_residual(x, y, gate, gate_rows_per_sample, <quantize_fp8_per_token's
-                                                    arguments after x>) -> (codes, scale, s [M, K] like x)
-        (the residual step s = x + gate·y in front of the producer, `qdiff.kernels.fused_producers.Residual`)
+    torch.ops.qdiff.quantize_per_token_residual(x, y, gate, gate_rows_per_sample, table, rows_per_frame,
+                                                <quantize_per_token's arguments after x>)
+        -> (<quantize_per_token's outputs>, s [M, K] like x)
+    torch.ops.qdiff.quantize_fp8_per_token_residual(x, y, gate, gate_rows_per_sample, table, rows_per_frame,
+                                                    <quantize_fp8_per_token's arguments after x>)
+        -> (codes, scale, s [M, K] like x)
+        (the residual step s = x + gate·y in front of the producer, which reads s + table[frame] with a table [T, K],
+        `qdiff.kernels.fused_producers.Residual`)
     torch.ops.qdiff.project_codes(codes, scale, zero, post_a, frame_factor, backend) -> proj [M, r] f32
     torch.ops.qdiff.fake_quant_per_token(x, bits) -> x̂ like x
     torch.ops.qdiff.fake_quant_weight(weight, delta, zero_point, bits, symmetric, smooth, low_rank, post, post_b,
@@ -112,19 +115,20 @@ def _quantize_fp8_per_token_fake(x, smooth_scale, producer, shift, mscale, rows_
 
 
 @torch.library.custom_op("qdiff::quantize_per_token_residual", mutates_args=())
-def quantize_per_token_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor], gate_rows_per_sample: int, bits: int,
-                                   symmetric: bool, smooth_scale: Optional[Tensor], static_delta: float,
-                                   static_zero: float, post_a: Optional[Tensor], frame_factor: Optional[Tensor],
-                                   producer: int, shift: Optional[Tensor], mscale: Optional[Tensor],
-                                   rows_per_sample: int, eps: float, backend: str,
-                                   fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`qdiff.kernels.act_quant.quantize_per_token_residual` with Residual(y, gate, gate_rows_per_sample); the other
-    arguments and the first five outputs as `quantize_per_token`, then s."""
+def quantize_per_token_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor], gate_rows_per_sample: int,
+                                   table: Optional[Tensor], rows_per_frame: int, bits: int, symmetric: bool,
+                                   smooth_scale: Optional[Tensor], static_delta: float, static_zero: float,
+                                   post_a: Optional[Tensor], frame_factor: Optional[Tensor], producer: int,
+                                   shift: Optional[Tensor], mscale: Optional[Tensor], rows_per_sample: int, eps: float,
+                                   backend: str, fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`qdiff.kernels.act_quant.quantize_per_token_residual` with Residual(y, gate, gate_rows_per_sample, table,
+    rows_per_frame); the other arguments and the first five outputs as `quantize_per_token`, then s."""
     from qdiff.kernels.act_quant import quantize_per_token_residual
     from qdiff.kernels.fused_producers import Residual, make_producer
 
     static = None if static_delta != static_delta else (static_delta, static_zero)  # NaN: dynamic
-    act, s = quantize_per_token_residual(x, Residual(y, gate, gate_rows_per_sample), bits, symmetric,
+    residual = Residual(y, gate, gate_rows_per_sample, table, rows_per_frame)
+    act, s = quantize_per_token_residual(x, residual, bits, symmetric,
                                          smooth_scale=smooth_scale, static=static, post_a=post_a,
                                          frame_factor=frame_factor,
                                          producer=make_producer(producer, shift, mscale, rows_per_sample, eps),
@@ -134,9 +138,9 @@ def quantize_per_token_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor],
 
 
 @quantize_per_token_residual_op.register_fake
-def _quantize_per_token_residual_fake(x, y, gate, gate_rows_per_sample, bits, symmetric, smooth_scale, static_delta,
-                                      static_zero, post_a, frame_factor, producer, shift, mscale, rows_per_sample,
-                                      eps, backend, fast):
+def _quantize_per_token_residual_fake(x, y, gate, gate_rows_per_sample, table, rows_per_frame, bits, symmetric,
+                                      smooth_scale, static_delta, static_zero, post_a, frame_factor, producer, shift,
+                                      mscale, rows_per_sample, eps, backend, fast):
     outputs = _quantize_per_token_fake(x, bits, symmetric, smooth_scale, static_delta, static_zero, post_a,
                                        frame_factor, producer, shift, mscale, rows_per_sample, eps, backend, fast)
     return (*outputs, x.new_empty(x.shape))
@@ -144,23 +148,25 @@ def _quantize_per_token_residual_fake(x, y, gate, gate_rows_per_sample, bits, sy
 
 @torch.library.custom_op("qdiff::quantize_fp8_per_token_residual", mutates_args=())
 def quantize_fp8_per_token_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor], gate_rows_per_sample: int,
-                                       smooth_scale: Optional[Tensor], producer: int, shift: Optional[Tensor],
-                                       mscale: Optional[Tensor], rows_per_sample: int, eps: float, backend: str,
+                                       table: Optional[Tensor], rows_per_frame: int, smooth_scale: Optional[Tensor],
+                                       producer: int, shift: Optional[Tensor], mscale: Optional[Tensor],
+                                       rows_per_sample: int, eps: float, backend: str,
                                        fast: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """`qdiff.kernels.fp8_quant.quantize_fp8_residual` with Residual(y, gate, gate_rows_per_sample): (codes, scale,
-    s); the other arguments as `quantize_fp8_per_token`."""
+    """`qdiff.kernels.fp8_quant.quantize_fp8_residual` with Residual(y, gate, gate_rows_per_sample, table,
+    rows_per_frame): (codes, scale, s); the other arguments as `quantize_fp8_per_token`."""
     from qdiff.kernels.fp8_quant import quantize_fp8_residual
     from qdiff.kernels.fused_producers import Residual, make_producer
 
-    codes, scale, s = quantize_fp8_residual(x, Residual(y, gate, gate_rows_per_sample), smooth_scale,
+    residual = Residual(y, gate, gate_rows_per_sample, table, rows_per_frame)
+    codes, scale, s = quantize_fp8_residual(x, residual, smooth_scale,
                                             make_producer(producer, shift, mscale, rows_per_sample, eps),
                                             backend=backend, fast=fast)
     return codes, scale, s.contiguous()
 
 
 @quantize_fp8_per_token_residual_op.register_fake
-def _quantize_fp8_per_token_residual_fake(x, y, gate, gate_rows_per_sample, smooth_scale, producer, shift, mscale,
-                                          rows_per_sample, eps, backend, fast):
+def _quantize_fp8_per_token_residual_fake(x, y, gate, gate_rows_per_sample, table, rows_per_frame, smooth_scale,
+                                          producer, shift, mscale, rows_per_sample, eps, backend, fast):
     return (*_quantize_fp8_per_token_fake(x, smooth_scale, producer, shift, mscale, rows_per_sample, eps, backend,
                                           fast), x.new_empty(x.shape))
 

@@ -82,6 +82,18 @@ def _store_residual(s, out_ptr, rows, cols, valid, stride_om, RESIDUAL: tl.const
 
 
 @triton.jit
+def _add_table(s, table_ptr, rows, cols, valid, K, rows_per_frame, n_frames, TABLE: tl.constexpr):
+    """The producer's input of a chunk s (x's dtype; 0 outside `valid`): s + table[frame] rounded to s's dtype, as
+    the eager add, with row m in frame (m // rows_per_frame) % n_frames of the table [n_frames, K] (contiguous);
+    s itself without a table (TABLE False)."""
+    if TABLE:
+        frame = (rows // rows_per_frame) % n_frames
+        table = tl.load(table_ptr + frame[:, None] * K + cols[None, :], mask=valid, other=0.0)
+        s = (s.to(tl.float32) + table.to(tl.float32)).to(s.dtype)
+    return s
+
+
+@triton.jit
 def _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
              SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, FAST: tl.constexpr):
     """The quantizer's input for a chunk x (x's dtype) as float32, 0 outside `valid`. Each eager op's result is
@@ -112,23 +124,26 @@ def _chunk_moments(x, valid, K, eps):
 
 
 @triton.jit
-def _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
-                 RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """LayerNorm (mean, rstd) [ROWS] of the rows of the producer's input (x, or the residual step's s, recomputed
-    here: `_load_input`) read in BLOCK_K chunks, twice: the mean, then the squared deviations from it."""
+def _row_moments(x_ptr, y_ptr, gate_ptr, table_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, rows_per_frame,
+                 n_frames, eps, RESIDUAL: tl.constexpr, TABLE: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """LayerNorm (mean, rstd) [ROWS] of the rows of the producer's input (x, or the residual step's s, plus the
+    table with TABLE, recomputed here: `_load_input`, `_add_table`) read in BLOCK_K chunks, twice: the mean, then
+    the squared deviations from it."""
     width = K * 1.0
     total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
-        total += _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row,
-                             RESIDUAL).to(tl.float32)
+        u = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+        total += _add_table(u, table_ptr, rows, cols, valid, K, rows_per_frame, n_frames, TABLE).to(tl.float32)
     mean = tl.math.div_rn(tl.sum(total, axis=1), width)
     total = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid = row_ok[:, None] & (cols < K)[None, :]
         s = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+        s = _add_table(s, table_ptr, rows, cols, valid, K, rows_per_frame, n_frames, TABLE)
         dev = tl.where(valid, s.to(tl.float32) - mean[:, None], 0.0)
         total += dev * dev
     rstd = 1.0 / tl.sqrt_rn(tl.math.div_rn(tl.sum(total, axis=1), width) + eps)
@@ -170,17 +185,18 @@ def _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset, 
 @triton.jit
 def act_quant_kernel(
     x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, post_a_ptr, proj_ptr, frame_ptr,
-    y_ptr, gate_ptr, out_ptr,
+    y_ptr, gate_ptr, out_ptr, table_ptr,
     M, K, stride_xm, stride_cm, rows_per_sample, stride_mod, n_frames, static_delta, static_zero, q_min, q_max, offset,
-    min_delta, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
+    min_delta, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate, table_rows_per_frame, table_frames,
     SMOOTH: tl.constexpr, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, R_OUT: tl.constexpr,
     FRAMES: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-    FAST: tl.constexpr, RESIDUAL: tl.constexpr,
+    FAST: tl.constexpr, RESIDUAL: tl.constexpr, TABLE: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K): the row is read once. Else passes over K in chunks (the re-reads hit L2): the
     LayerNorm moments (producer 1: mean, then the squared deviations), the range (dynamic grids), then the codes.
     R_OUT ∈ {0, 1}: proj [M] = f_m · x̂_m · a_out (post_a_ptr: a_out [K]). RESIDUAL (1: x + y, 2: x + gate·y):
-    every pass recomputes s from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
+    every pass recomputes s from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr.
+    TABLE: the producer reads s + table[frame] (`_add_table`, after s is written) in every pass."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
@@ -194,6 +210,7 @@ def act_quant_kernel(
         valid = row_ok[:, None] & (cols < K)[None, :]
         x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
         _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)
+        x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
         if PRODUCER == LAYERNORM_MODULATE:
             mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
@@ -208,8 +225,9 @@ def act_quant_kernel(
                                              stride_cm, post_a_ptr, code_acc, proj_acc, R_OUT, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
-            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
-                                      RESIDUAL, ROWS, BLOCK_K)
+            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, table_ptr, rows, row_ok, K, stride_xm, stride_ym,
+                                      gate_row, table_rows_per_frame, table_frames, eps, RESIDUAL, TABLE, ROWS,
+                                      BLOCK_K)
         if STATIC:
             delta = tl.zeros([ROWS], dtype=tl.float32) + static_delta
             zero = tl.zeros([ROWS], dtype=tl.float32) + static_zero
@@ -221,6 +239,7 @@ def act_quant_kernel(
                 valid = row_ok[:, None] & (cols < K)[None, :]
                 x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row,
                                 RESIDUAL)
+                x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
                 v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
                              SMOOTH, PRODUCER, FAST)
                 lo = tl.minimum(lo, v)
@@ -231,6 +250,7 @@ def act_quant_kernel(
             valid = row_ok[:, None] & (cols < K)[None, :]
             x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
             _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)  # the last pass writes s, once
+            x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd,
                          SMOOTH, PRODUCER, FAST)
             code_acc, proj_acc = _quantize_chunk(v, valid, rows, cols, K, delta, zero, q_min, q_max, offset,
@@ -270,7 +290,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in AUTOTUNE_CONFIGS]
 act_quant_tuned = triton.autotune(configs=configs,
-                                  key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER", "FAST", "RESIDUAL"],
+                                  key=["K", "SMOOTH", "STATIC", "R_OUT", "PRODUCER", "FAST", "RESIDUAL", "TABLE"],
                                   prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"ONE_CHUNK": one_chunk})(act_quant_kernel))
 

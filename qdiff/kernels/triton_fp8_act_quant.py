@@ -18,7 +18,9 @@ eager model rounds it, and 3% of the codes of a bf16 input moved (by up to 50 e4
 Without fusion each op keeps its rounding (`mul.rn.bf16`, `add.rn.bf16`). The other producers keep fusion: nothing
 there rounds between a product and a sum, and GELU's polynomial runs 10% faster with fma. The residual step
 (`_load_input`: s = x + gate·y rounded after the product and after the sum, as the eager `x + gate * y`) is
-launched without fusion too, whatever the producer.
+launched without fusion too, whatever the producer. With a per-frame table (`_add_table`, TABLE) the kernel writes s
+and feeds the producer u = s + table[(m // rows_per_frame) % T], rounded to x's dtype after the add as the eager
+`x + temporal_pos_embed` is; every pass that recomputes s (moments, absmax, codes; both pieces of a whole row) adds it.
 """
 import triton
 import triton.language as tl
@@ -27,6 +29,7 @@ from qdiff.kernels.act_quant import interpret_mode
 from qdiff.kernels.triton_act_quant import (
     AUTOTUNE_CONFIGS,
     LAYERNORM_MODULATE,
+    _add_table,
     _chunk_moments,
     _load_input,
     _produce,
@@ -73,15 +76,17 @@ def _split_moments(x, valid, x_tail, tail_valid, K, eps):
 
 @triton.jit
 def fp8_act_quant_kernel(
-    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, y_ptr, gate_ptr, out_ptr, M, K, stride_xm, stride_cm,
-    rows_per_sample, stride_mod, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
+    x_ptr, s_ptr, shift_ptr, mscale_ptr, codes_ptr, scale_ptr, y_ptr, gate_ptr, out_ptr, table_ptr, M, K, stride_xm,
+    stride_cm, rows_per_sample, stride_mod, eps, stride_ym, stride_om, gate_rows_per_sample, stride_gate,
+    table_rows_per_frame, table_frames,
     SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr, TAIL_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr, TAIL_K: tl.constexpr, TABLE: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K + TAIL_K): the row is read once, as one BLOCK_K piece and, TAIL_K > 0, a TAIL_K piece
     after it (`tail_width`). Else two passes over K in chunks (the re-read hits L2), after the LayerNorm moments when
     producer 1 is fused: the absmax, then the codes. RESIDUAL (1: x + y, 2: x + gate·y): every pass recomputes s
-    from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr."""
+    from x, y (and the gate) instead of reading x; the codes pass writes s to out_ptr. TABLE: the producer reads
+    s + table[frame] (`_add_table`, after s is written) in every pass, in both pieces of a whole row."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < M
     sample = rows // rows_per_sample
@@ -93,12 +98,15 @@ def fp8_act_quant_kernel(
         valid = row_ok[:, None] & (cols < K)[None, :]
         x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
         _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)
+        x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
         if TAIL_K > 0:  # the rest of the row: [ROWS, TAIL_K] at column BLOCK_K
             tail_cols = BLOCK_K + tl.arange(0, TAIL_K)
             tail_valid = row_ok[:, None] & (tail_cols < K)[None, :]
             x_tail = _load_input(x_ptr, y_ptr, gate_ptr, rows, tail_cols, tail_valid, stride_xm, stride_ym, gate_row,
                                  RESIDUAL)
             _store_residual(x_tail, out_ptr, rows, tail_cols, tail_valid, stride_om, RESIDUAL)
+            x_tail = _add_table(x_tail, table_ptr, rows, tail_cols, tail_valid, K, table_rows_per_frame, table_frames,
+                                TABLE)
         if PRODUCER == LAYERNORM_MODULATE:
             if TAIL_K > 0:
                 mean, rstd = _split_moments(x, valid, x_tail, tail_valid, K, eps)
@@ -117,13 +125,15 @@ def fp8_act_quant_kernel(
             _store_codes(v_tail, tail_valid, rows, tail_cols, scale, codes_ptr, stride_cm, FAST)
     else:
         if PRODUCER == LAYERNORM_MODULATE:
-            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, rows, row_ok, K, stride_xm, stride_ym, gate_row, eps,
-                                      RESIDUAL, ROWS, BLOCK_K)
+            mean, rstd = _row_moments(x_ptr, y_ptr, gate_ptr, table_ptr, rows, row_ok, K, stride_xm, stride_ym,
+                                      gate_row, table_rows_per_frame, table_frames, eps, RESIDUAL, TABLE, ROWS,
+                                      BLOCK_K)
         peak = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid = row_ok[:, None] & (cols < K)[None, :]
             x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
+            x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                          PRODUCER, FAST)
             peak = tl.maximum(peak, tl.abs(v))
@@ -133,6 +143,7 @@ def fp8_act_quant_kernel(
             valid = row_ok[:, None] & (cols < K)[None, :]
             x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
             _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)  # the last pass writes s, once
+            x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
                          PRODUCER, FAST)
             _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
@@ -151,6 +162,6 @@ def _whole_row(meta) -> bool:
 # K = 4608 as 4096 + 512
 FP8_AUTOTUNE_CONFIGS = AUTOTUNE_CONFIGS + ((4, 1024, 4), (8, 1024, 8), (1, 4096, 4), (2, 4096, 8))
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in FP8_AUTOTUNE_CONFIGS]
-fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL"],
+fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL", "TABLE"],
                                       prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"TAIL_K": _tail_k, "ONE_CHUNK": _whole_row})(fp8_act_quant_kernel))

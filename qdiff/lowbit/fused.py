@@ -20,6 +20,10 @@ A residual add may run in front of the producer (`quantize_residual`): the kerne
 block's `x = x + gate * branch`), writes it as the new residual stream and quantizes producer(s):
 
     x, x_q = quantize_residual(x, x_t, gate_msa, cross_attn.q_linear)   # None: not fusable
+
+With a per-frame table [T, K] (`table=`, the temporal attention's `temporal_pos_embed[0]`, frame-major tokens) the
+readers get u = s + table[frame] quantized instead, while the returned stream stays s (IntLinear and FP8Linear
+readers alike; the kernels add the table after writing s, rounded to x's dtype as the eager add).
 """
 from __future__ import annotations
 
@@ -66,11 +70,12 @@ def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh | None,
                  residual: Residual | None = None) -> QuantizedInput | tuple[torch.Tensor, QuantizedInput]:
     """producer.apply(x) quantized per token for each of `layers` (fusable, see `fusable`): x [..., K].
 
-    residual (rows of x's [M, K] form): quantize producer(s) for s = residual.apply(x) and return (s in x's shape,
-    the QuantizedInput); the first launch runs the residual step and writes s, the launches of other reader groups
-    (other input signatures) read s."""
+    residual (rows of x's [M, K] form): quantize producer(u) for s = residual.apply(x), u = residual.add_table(s)
+    and return (s in x's shape, the QuantizedInput); the first launch runs the residual step and writes s, the
+    launches of other reader groups (other input signatures) read u (with a table: one eager add, computed once)."""
     x2 = x.reshape(-1, x.shape[-1])
     with_residual = residual is not None
+    stream = None  # the residual step's s, once the first launch wrote it
     compiling = torch.compiler.is_compiling()
     groups: dict[tuple, list] = {}
     for index, layer in enumerate(layers):
@@ -82,13 +87,15 @@ def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh | None,
     acts = {}
     for members in groups.values():
         lead = members[0]
+        if stream is not None and residual is not None:  # later launches read the first one's input u
+            x2, residual = residual.add_table(stream), None
         if isinstance(lead, FP8Linear):
             kwargs = dict(backend=lead.act_quant_backend(), fast=lead.fast_act_quant())
             if residual is None:
                 act = FP8Act(*quantize_fp8_per_token(x2, lead.smooth_scale, producer, **kwargs))
             else:
-                codes, scale, x2 = quantize_fp8_residual(x2, residual, lead.smooth_scale, producer, **kwargs)
-                act, residual = FP8Act(codes, scale), None  # later launches read s
+                codes, scale, stream = quantize_fp8_residual(x2, residual, lead.smooth_scale, producer, **kwargs)
+                act = FP8Act(codes, scale)
             acts.update({layer: (act, None) for layer in members})
             continue
         posts = [layer.post_a for layer in members if layer.post_a is not None]
@@ -98,8 +105,7 @@ def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh | None,
         if residual is None:
             act = quantize_per_token(x2, lead.a_bits, lead.a_symmetric, **kwargs)
         else:
-            act, x2 = quantize_per_token_residual(x2, residual, lead.a_bits, lead.a_symmetric, **kwargs)
-            residual = None  # later launches read s
+            act, stream = quantize_per_token_residual(x2, residual, lead.a_bits, lead.a_symmetric, **kwargs)
         start = 0
         for layer in members:
             proj = None
@@ -108,7 +114,7 @@ def quantize_for(x: torch.Tensor, producer: LayerNormModulate | GeluTanh | None,
                 start += layer.rank_out
             acts[layer] = (act, proj)
     quantized = QuantizedInput(x.shape, x.dtype, acts)
-    return (x2.reshape(x.shape), quantized) if with_residual else quantized
+    return (stream.reshape(x.shape), quantized) if with_residual else quantized
 
 
 def quantize_layernorm_modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
@@ -136,17 +142,23 @@ def quantize_gelu(h: torch.Tensor, act: nn.Module, *layers: nn.Module) -> Quanti
 
 def quantize_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, *layers: nn.Module,
                       norm: nn.Module | None = None, shift: torch.Tensor | None = None,
-                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedInput] | None:
+                      scale: torch.Tensor | None = None,
+                      table: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedInput] | None:
     """The residual add `x + gate * y` (gate None: `x + y`) and its quantization for `layers` in one kernel pass:
     (the new residual stream s, like x; s, or `t2i_modulate(norm(s), shift, scale)` when norm is given, quantized
     for `layers`), or None when they cannot take it (the caller runs the eager ops).
 
     x, y [B, N, K] in one dtype; gate [B or 1, 1, K] in that dtype; norm, shift, scale as in
-    `quantize_layernorm_modulate`.
+    `quantize_layernorm_modulate`. table: [T, K] in x's dtype (another dtype: None, as eager would promote), the N
+    tokens frame-major (N = T·S): `layers` get u = s + table[t] quantized for the tokens of frame t (the eager
+    `s.view(B, T, S, K) + table[:, None]`), the returned stream is s.
     """
     if not (fusable(*layers) and x.dim() == 3 and y.shape == x.shape and y.dtype == x.dtype):
         return None
     batch, tokens, width = x.shape
+    if table is not None and not (table.dim() == 2 and table.shape[1] == width and table.shape[0] > 0
+                                  and tokens % table.shape[0] == 0 and table.dtype == x.dtype):
+        return None
     if gate is not None:
         if gate.dim() != 3 or gate.shape[1:] != (1, width) or gate.shape[0] not in (1, batch) or gate.dtype != x.dtype:
             return None
@@ -163,5 +175,6 @@ def quantize_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | Non
             return None
         producer = LayerNormModulate(shift.expand(batch, 1, width).reshape(batch, width),
                                      scale.expand(batch, 1, width).reshape(batch, width), tokens, norm.eps)
-    residual = Residual(y.reshape(-1, width), gate, tokens)
+    rows_per_frame = tokens // table.shape[0] if table is not None else 1
+    residual = Residual(y.reshape(-1, width), gate, tokens, table, rows_per_frame)
     return quantize_for(x, producer, layers, residual)

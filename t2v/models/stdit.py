@@ -13,7 +13,8 @@ they see the same rows as [B, T, S, C] and no permute copies are made.
 When the linears after a LayerNorm + modulation or after the MLP's GELU are low-bit layers
 (``qdiff.lowbit.IntLinear``, ``FP8Linear``) with fusion on, the block hands them their input already quantized by one
 fused kernel (``qdiff.lowbit.fused``); so it does after a residual add (`STDiTBlock._residual`: the kernel also writes
-the new residual stream); every other model runs the eager ops.
+the new residual stream; before the frame-major temporal linears it also adds the temporal table to their input,
+not to the stream); every other model runs the eager ops.
 
 ``compile_blocks(model)`` compiles every block with torch.compile (static shapes, one graph per block, no graph
 breaks) for inference: bf16, fake-quant (QuantLinear) and integer (IntLinear) models alike. The compiler fuses the
@@ -295,17 +296,24 @@ class STDiTBlock(nn.Module):
         x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, *self.attn.input_linears())
         x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
-        # frame-major without a table, the temporal linears read exactly the new x: the add runs in their quantization
+        # frame-major, the temporal linears read the new x (+ the table) in the token order as it is: the residual add
+        # and the table add run in their quantization (x_q: the new x + the table, quantized; the new x has no table)
         frame_major = self.attn_temp.runs_frame_major(x)  # decided once per forward (it walks the parameters)
-        fuse = frame_major and temporal_pos_embed is None
-        x, x_q = self._residual(x, x_s, gate_msa, *(self.attn_temp.input_linears() if fuse else ()))
+        table = None  # [T, C]: the [1, T, C] table the temporal input adds to every (b, s)
+        if temporal_pos_embed is not None and temporal_pos_embed.shape[:2] == (1, T):
+            table = temporal_pos_embed[0]
+        fuse = frame_major and (temporal_pos_embed is None or table is not None)
+        x, x_q = self._residual(x, x_s, gate_msa, *(self.attn_temp.input_linears() if fuse else ()), table=table)
 
         # 2. temporal self-attention over the T frames at each position; no norm/modulation and the
         #    spatial gate again, as released (METHOD.md section 1)
         if frame_major:  # in the token order as it is: no permute copies
-            x_t = x.view(x.shape[0], T, S, x.shape[-1]) if x_q is None else x_q.reshape(x.shape[0], T, S, x.shape[-1])
-            if temporal_pos_embed is not None:
-                x_t = x_t + temporal_pos_embed[:, :, None]  # [1, T, 1, C]
+            if x_q is not None:
+                x_t = x_q.reshape(x.shape[0], T, S, x.shape[-1])  # the table is in it
+            else:
+                x_t = x.view(x.shape[0], T, S, x.shape[-1])
+                if temporal_pos_embed is not None:
+                    x_t = x_t + temporal_pos_embed[:, :, None]  # [1, T, 1, C]
             x_t = self.attn_temp.forward_frames(x_t).view(x.shape)
         else:
             x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T, S=S)
@@ -331,11 +339,14 @@ class STDiTBlock(nn.Module):
         return t2i_modulate(norm(x), shift, scale) if fused is None else fused
 
     @staticmethod
-    def _residual(x, y, gate, *readers, norm=None, shift=None, scale=None):
+    def _residual(x, y, gate, *readers, norm=None, shift=None, scale=None, table=None):
         """(x + gate·y (gate None: x + y), None) as the eager ops; or, when `readers` (low-bit layers with fusion on)
-        read the new x (norm given: t2i_modulate(norm(x), shift, scale)), (the new x, their QuantizedInput) from one
-        kernel pass that also writes the new x (`qdiff.lowbit.fused.quantize_residual`)."""
-        fused = quantize_residual(x, y, gate, *readers, norm=norm, shift=shift, scale=scale) if readers else None
+        read the new x (norm given: t2i_modulate(norm(x), shift, scale); table [T, C] given: the new x viewed
+        [B, T, S, C] + table[:, None]), (the new x, their QuantizedInput) from one kernel pass that also writes the
+        new x (`qdiff.lowbit.fused.quantize_residual`). The eager result never holds the table: the caller adds it
+        when the QuantizedInput is None."""
+        fused = (quantize_residual(x, y, gate, *readers, norm=norm, shift=shift, scale=scale, table=table)
+                 if readers else None)
         if fused is not None:
             return fused
         return x + (y if gate is None else gate * y), None

@@ -31,9 +31,14 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
     p.add_argument("--fast", action="store_true",
-                   help="the fastest settings measured on an H100 (docs/benchmarks.md, session 12): --compile "
-                        "--cuda_graph --merge_qkv --temporal_attention short_triton --int_act_quant fused (the last "
-                        "for --hardware layers); flags given explicitly win; needs a CUDA GPU")
+                   help="the fastest settings measured on an H100 (docs/benchmarks.md, sessions 12-13): --compile "
+                        "--cuda_graph --merge_qkv --temporal_attention short_triton --int_act_quant fused "
+                        "--fast_accum (the last two for --hardware layers); flags given explicitly win; needs a CUDA "
+                        "GPU")
+    p.add_argument("--fast_accum", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --hardware FP8 layers: torch._scaled_mm's use_fast_accum, Hopper's FP8 accumulation "
+                        "without periodic promotion (W8A8 FP8 step 89.0 -> 82.7 ms on an H100, output error to the "
+                        "fake-quant model unchanged at 6.19e-2; default off, on with --fast)")
     p.add_argument("--int_act_quant", choices=("torch", "kernel", "fused"), default=None,
                    help="with --compile and --hardware: how the integer and FP8 layers quantize their inputs. "
                         "torch: plain ops the compiler fuses into their producers (default); kernel: our Triton "
@@ -54,13 +59,14 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 # speed flags with a default that --fast changes: (default, with --fast)
-SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "int_act_quant": ("torch", "fused")}
+SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "int_act_quant": ("torch", "fused"),
+                  "fast_accum": (False, True)}
 
 
 def resolve_speed_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the speed flags left unset: their defaults, or with --fast the fastest measured settings (--compile,
-    --cuda_graph, --merge_qkv, the Triton temporal attention, fused activation quantization). Flags given explicitly
-    keep their values. Returns args."""
+    --cuda_graph, --merge_qkv, the Triton temporal attention, fused activation quantization, FP8 fast accumulation).
+    Flags given explicitly keep their values. Returns args."""
     fast = getattr(args, "fast", False)
     for name, (default, fastest) in SPEED_DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -71,7 +77,15 @@ def resolve_speed_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def compile_if_requested(model, args) -> None:
-    """`--merge_qkv`, then `--compile`: compile the DiT's blocks in place (float, fake-quant and integer models)."""
+    """`--fast_accum` on the FP8 layers, `--merge_qkv`, then `--compile`: compile the DiT's blocks in place (float,
+    fake-quant and integer models)."""
+    if getattr(args, "fast_accum", False):
+        from qdiff.lowbit import fp8_layers
+
+        layers = list(fp8_layers(model))
+        for _, layer in layers:
+            layer.fast_accum = True
+        logging.getLogger("t2v").info("--fast_accum: %d FP8 layer(s) accumulate without promotion", len(layers))
     if getattr(args, "merge_qkv", False):
         from t2v.models.stdit import Attention, merge_qkv
 

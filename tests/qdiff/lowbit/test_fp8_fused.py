@@ -2,9 +2,10 @@
 on the eager activation (CPU: the torch reference runs the model's own ops), readers share launches where their input
 signature agrees, unfusable readers are refused; the tiny STDiT (w8a8_fp8, w4a8_fp8) gives the same output with
 fusion on and off (also with the residual adds fused in front of the quantization, frame-major temporal attention
-and merged q/k/v included), and under torch.compile (int_act_quant="fused" / "kernel") the FP8 quantization is one
-opaque op per launch with the producers (and residual adds) inside, no graph break, and the eager output. Also:
-compiled IntLinear readers without smoothing share one launch."""
+with the temporal table added in the same kernel, and merged q/k/v included), and under torch.compile
+(int_act_quant="fused" / "kernel") the FP8 quantization is one opaque op per launch with the producers (and residual
+adds) inside, no graph break, and the eager output. Also: compiled IntLinear readers without smoothing share one
+launch."""
 import importlib.util
 from pathlib import Path
 
@@ -64,17 +65,18 @@ NORM = nn.LayerNorm(WIDTH, eps=1e-6, elementwise_affine=False)
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the FP8 quantization launches of the fused helpers: producer kinds, and ("residual", kind or 0) for
-    the launches with the residual step in front."""
+    """Counts the FP8 quantization launches of the fused helpers: producer kinds (None: none), and ("residual",
+    kind or 0) for the launches with the residual step in front (("residual", kind or 0, "table") with a table)."""
     calls = []
     original, original_residual = fused.quantize_fp8_per_token, fused.quantize_fp8_residual
 
     def counting(x, smooth_scale=None, producer=None, **kwargs):
-        calls.append(producer.kind)
+        calls.append(None if producer is None else producer.kind)
         return original(x, smooth_scale, producer, **kwargs)
 
     def counting_residual(x, residual, smooth_scale=None, producer=None, **kwargs):
-        calls.append(("residual", 0 if producer is None else producer.kind))
+        calls.append(("residual", 0 if producer is None else producer.kind) + (() if residual.table is None
+                                                                               else ("table",)))
         return original_residual(x, residual, smooth_scale, producer, **kwargs)
 
     monkeypatch.setattr(fused, "quantize_fp8_per_token", counting)
@@ -137,7 +139,7 @@ def test_unfusable_readers_are_refused():
         readers(count=1)[0](quantized)
 
 
-RESIDUAL_ADD_LN, RESIDUAL_ADD = ("residual", 1), ("residual", 0)
+RESIDUAL_ADD_LN, RESIDUAL_ADD, RESIDUAL_ADD_TABLE = ("residual", 1), ("residual", 0), ("residual", 0, "table")
 
 
 @pytest.mark.parametrize("yaml,expected", [
@@ -159,11 +161,13 @@ def test_stdit_fusion_on_equals_off(launches, yaml, expected):
     assert torch.equal(out, unfused)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stdit_frame_major_residual_fusion_equals_off(launches, merged, dtype):
-    """Frame-major temporal attention ("short_triton"): after the first block (no temporal table) the spatial
-    residual add runs in the quantization of the temporal q/k/v (or merged qkv) input. CPU: bit for bit."""
+def test_stdit_frame_major_residual_fusion_equals_off(launches, static, merged, dtype):
+    """Frame-major temporal attention ("short_triton"): the spatial residual add, and the temporal table where the
+    block has one, run in the quantization of the temporal q/k/v (or merged qkv) input. Block 0 adds the real table;
+    block 1 none, or (static: the compiled blocks' inputs, here eager) a zero table. CPU: bit for bit."""
     from t2v.models.stdit import merge_qkv, set_temporal_attention
 
     _, model = model_helpers.calibrated(QuantConfig.from_yaml("configs/quant/w8a8_fp8.yaml"))
@@ -172,16 +176,35 @@ def test_stdit_frame_major_residual_fusion_equals_off(launches, merged, dtype):
         assert merge_qkv(model) == {}
     model.to(dtype)
     set_temporal_attention(model, "short_triton")
+    model.static_block_inputs = static
     x, t, y, mask = model_helpers.inputs()
     with torch.no_grad():
         assert all(block.attn_temp.runs_frame_major(x) for block in model.blocks)
         unfused = model(x, t, y, mask=mask)
         set_fusion(model, True)
         out = model(x, t, y, mask=mask)
-    # block 0 has the temporal table: its temporal q/k/v quantize x themselves (one unfused launch, not counted)
-    assert {kind: launches.count(kind) for kind in set(launches)} == {1: 2, RESIDUAL_ADD: 2 + 1, RESIDUAL_ADD_LN: 2,
-                                                                      2: 2}
+    tables = 1 + static  # block 0's temporal q/k/v read x + the table, block 1's x (+ zeros when static)
+    assert {kind: launches.count(kind) for kind in set(launches)} == {
+        1: 2, RESIDUAL_ADD: 2 + 2 - tables, RESIDUAL_ADD_TABLE: tables, RESIDUAL_ADD_LN: 2, 2: 2}
     assert out.dtype == torch.float32 and torch.equal(out, unfused)
+
+
+def test_residual_with_table_quantizes_the_table_sum(launches):
+    """quantize_residual(table=): the stream is x + gate·y, the readers get (x + gate·y) + table[frame] (frame-major
+    tokens, the eager add); a table the kernel cannot take (another dtype: eager would promote; T not dividing the
+    tokens; another width) is refused."""
+    layers = readers(weights="w4_affine", smooth=True, tqe=True)
+    x, y, gate = torch.randn(2, 12, WIDTH), torch.randn(2, 12, WIDTH), torch.randn(2, 1, WIDTH)
+    table = torch.randn(4, WIDTH)  # T = 4 frames of 3 tokens
+    s, quantized = fused.quantize_residual(x, y, gate, *layers, table=table)
+    assert launches == [("residual", 0, "table"), None, None]  # the other smoothing scales read the table sum
+    assert torch.equal(s, x + gate * y)
+    u = (s.view(2, 4, 3, WIDTH) + table[:, None]).view(s.shape)
+    with torch.no_grad():
+        for layer in layers:
+            assert torch.equal(layer(quantized), layer(u))
+    for other in (table.double(), torch.randn(5, WIDTH), torch.randn(4, WIDTH + 1)):
+        assert fused.quantize_residual(x, y, gate, *layers, table=other) is None
 
 
 def compiled_vs_eager(model, int_act_quant):

@@ -1,5 +1,7 @@
 """Stage 5 end to end on the tiny preset: FP videos, a W8A8 calibration folder, quantized videos, comparison."""
 
+import argparse
+
 import pytest
 import torch
 import yaml
@@ -115,8 +117,6 @@ def test_step_hook_selects_timestep_ranges():
 
 def test_cuda_graph_flag_errors(calib_dir, tmp_path, capsys):
     """--cuda_graph needs --compile and a GPU, and refuses models whose quantization changes per timestep."""
-    import argparse
-
     from t2v.scripts._common import cuda_graph_if_requested
 
     code = quant_inference.main([CONFIG, "--calib_dir", str(calib_dir), "--outdir", str(tmp_path / "a"),
@@ -139,12 +139,25 @@ def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win():
     base = [CONFIG, "--calib_dir", "unused"]
     plain = quant_inference.parse_args(base)
     assert (plain.compile, plain.cuda_graph, plain.merge_qkv) == (False, False, False)
-    assert (plain.temporal_attention, plain.int_act_quant) == ("math", "torch")
+    assert (plain.temporal_attention, plain.int_act_quant, plain.fast_accum) == ("math", "torch", False)
     fast = quant_inference.parse_args([*base, "--hardware", "--fast"])
     assert (fast.compile, fast.cuda_graph, fast.merge_qkv) == (True, True, True)
-    assert (fast.temporal_attention, fast.int_act_quant) == ("short_triton", "fused")
-    mixed = quant_inference.parse_args([*base, "--fast", "--temporal_attention", "sdpa", "--int_act_quant", "kernel"])
+    assert (fast.temporal_attention, fast.int_act_quant, fast.fast_accum) == ("short_triton", "fused", True)
+    mixed = quant_inference.parse_args([*base, "--fast", "--temporal_attention", "sdpa", "--int_act_quant", "kernel",
+                                        "--no-fast_accum"])
     assert (mixed.temporal_attention, mixed.int_act_quant, mixed.compile) == ("sdpa", "kernel", True)
+    assert mixed.fast_accum is False and quant_inference.parse_args([*base, "--fast_accum"]).fast_accum is True
     fp = inference.parse_args([CONFIG, "--fast"])
     assert (fp.compile, fp.cuda_graph, fp.merge_qkv, fp.temporal_attention) == (True, True, True, "short_triton")
     assert inference.parse_args([CONFIG]).temporal_attention == "math"
+
+
+def test_fast_accum_reaches_every_fp8_layer():
+    from qdiff.lowbit.fp8_linear import FP8Linear
+    from t2v.scripts._common import compile_if_requested
+
+    model = torch.nn.Sequential(FP8Linear(32, 16), torch.nn.Linear(16, 16), FP8Linear(16, 32, bias=False))
+    compile_if_requested(model, argparse.Namespace(fast_accum=False))
+    assert [m.fast_accum for m in model if isinstance(m, FP8Linear)] == [False, False]
+    compile_if_requested(model, argparse.Namespace(fast_accum=True))
+    assert [m.fast_accum for m in model if isinstance(m, FP8Linear)] == [True, True]
