@@ -226,24 +226,31 @@ def test_kernels_in_child(run_interpreter_child):
 @pytest.mark.parametrize("gated", [True, False])
 def test_interp_residual_equals_reference(interpreter, tile, shape, dtype, kind, gated):
     """No producer and LayerNorm + modulate; row-strided x and y on the gated runs."""
-    from qdiff.kernels.act_quant import quantize_per_token_triton
-    from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
-
     batch, tokens, cols = shape
     x, residual = inputs(batch, tokens, cols, dtype, gated, strided=gated)
     assert not gated or x.stride(0) != cols
     for producer in (None, layernorm_modulate(batch, tokens, cols, dtype)):
-        if kind == "fp8":
-            got = quantize_fp8_per_token_triton(x, None, producer, config=tile, residual=residual)
-            expected = quantize_fp8_residual_reference(x, residual, None, producer)
-        else:
-            kwargs = dict(post_a=torch.randn(1, cols), producer=producer)
-            got = quantize_per_token_triton(x, 8, False, **kwargs, config=tile, residual=residual)
-            expected = quantize_per_token_residual_reference(x, residual, 8, False, **kwargs)
-        if producer is not None and dtype == torch.float32:
-            assert_close_after_float32_layernorm(got, expected, kind)
-        else:
-            (assert_fp8_result_equal if kind == "fp8" else assert_int_result_equal)(got, expected)
+        kernel_matches_reference(x, residual, producer, tile, kind)
+
+
+def kernel_matches_reference(x, residual, producer, tile, kind):
+    """The Triton kernel (`kind` fp8 or int: A8 with a TQE projection) against its reference, for x [M, K] with the
+    residual step in front; returns the kernel's result."""
+    from qdiff.kernels.act_quant import quantize_per_token_triton
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
+
+    if kind == "fp8":
+        got = quantize_fp8_per_token_triton(x, None, producer, config=tile, residual=residual)
+        expected = quantize_fp8_residual_reference(x, residual, None, producer)
+    else:
+        kwargs = dict(post_a=torch.randn(1, x.shape[1]), producer=producer)
+        got = quantize_per_token_triton(x, 8, False, **kwargs, config=tile, residual=residual)
+        expected = quantize_per_token_residual_reference(x, residual, 8, False, **kwargs)
+    if producer is not None and x.dtype == torch.float32:
+        assert_close_after_float32_layernorm(got, expected, kind)
+    else:
+        (assert_fp8_result_equal if kind == "fp8" else assert_int_result_equal)(got, expected)
+    return got
 
 
 @child_only
@@ -254,24 +261,11 @@ def test_interp_residual_equals_reference(interpreter, tile, shape, dtype, kind,
 def test_interp_table_equals_reference(interpreter, tile, shape, dtype, kind):
     """With a per-frame table: the codes of s + table[frame] (no producer and LayerNorm + modulate) as the reference;
     the written s is x + gate·y without the table, bit for bit."""
-    from qdiff.kernels.act_quant import quantize_per_token_triton
-    from qdiff.kernels.fp8_quant import quantize_fp8_per_token_triton
-
     batch, frames, per_frame, cols, gated = shape
     x, residual = table_inputs(batch, frames, per_frame, cols, dtype, gated)
     for producer in (None, layernorm_modulate(batch, frames * per_frame, cols, dtype)):
-        if kind == "fp8":
-            got = quantize_fp8_per_token_triton(x, None, producer, config=tile, residual=residual)
-            expected = quantize_fp8_residual_reference(x, residual, None, producer)
-        else:
-            kwargs = dict(post_a=torch.randn(1, cols), producer=producer)
-            got = quantize_per_token_triton(x, 8, False, **kwargs, config=tile, residual=residual)
-            expected = quantize_per_token_residual_reference(x, residual, 8, False, **kwargs)
+        got = kernel_matches_reference(x, residual, producer, tile, kind)
         assert_bits_equal(got[-1], residual.apply(x), "s")
-        if producer is not None and dtype == torch.float32:
-            assert_close_after_float32_layernorm(got, expected, kind)
-        else:
-            (assert_fp8_result_equal if kind == "fp8" else assert_int_result_equal)(got, expected)
 
 
 @child_only
