@@ -135,7 +135,7 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
     if path is None:
         torch.manual_seed(mcfg.get("init_seed", 0))
         model = factory(**kwargs)
-        _randomize_zero_init(model, seed=mcfg.get("init_seed", 0))
+        randomize_zero_init(model, seed=mcfg.get("init_seed", 0))
     else:
         if not Path(path).exists():
             raise ConfigError(
@@ -150,13 +150,15 @@ def build_model(cfg: InferenceConfig, input_size, ckpt_path: str | None = None, 
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
-    """Give the layers OpenSora zero-initialises small random values, so a random preset is not the identity."""
+def randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the layers OpenSora zero-initialises small random values (N(0, 0.02²)), so a random preset is not the
+    identity; returns the model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 1 and torch.count_nonzero(p) == 0:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
 
 
 def model_prediction(cfg: InferenceConfig, ckpt_path: str | None = None) -> str:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from qdiff.kernels import short_attention as sa
 from t2v.models.stdit import STDiT, compile_blocks, set_temporal_attention
+from t2v.pipeline.build import randomize_zero_init
 
 REPO = Path(__file__).resolve().parents[3]
 CHILD_FLAG = "QDIFF_SHORT_ATTENTION_INTERPRETER_CHILD"
@@ -48,12 +49,7 @@ def sdpa(q, k, v, heads):
 
 def tiny_model():
     torch.manual_seed(0)
-    model = STDiT(**TINY).eval()
-    with torch.no_grad():  # OpenSora zero-initialises some layers; give them values
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.02)
-    return model
+    return randomize_zero_init(STDiT(**TINY).eval())
 
 
 def tiny_inputs():

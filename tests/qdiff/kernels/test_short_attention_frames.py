@@ -20,6 +20,7 @@ from qdiff.lowbit.fp8_linear import FP8Linear
 from qdiff.lowbit.int_linear import IntLinear
 from qdiff.quantizers.config import ActQuantConfig, TQEConfig, WeightQuantConfig
 from t2v.models.stdit import STDiT, compile_blocks, merge_qkv, row_order_free, set_temporal_attention
+from t2v.pipeline.build import randomize_zero_init
 
 REPO = Path(__file__).resolve().parents[3]
 CHILD_FLAG = "QDIFF_SHORT_ATTENTION_FRAMES_INTERPRETER_CHILD"
@@ -47,12 +48,7 @@ def per_position(t):
 
 def tiny_model():
     torch.manual_seed(0)
-    model = STDiT(**TINY).eval()
-    with torch.no_grad():  # OpenSora zero-initialises some layers; give them values
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.02)
-    return model
+    return randomize_zero_init(STDiT(**TINY).eval())
 
 
 def block_inputs(seed=1):

@@ -8,6 +8,7 @@ from qdiff.api import calibrate_balancing, init_weight_quantizers, quantize_mode
 from qdiff.config import QuantConfig, apply_overrides
 from qdiff.lowbit import convert_to_int, int_layers, int_weight_bytes, set_fusion, share_input_quantization
 from t2v.models.stdit import STDiT
+from t2v.pipeline.build import randomize_zero_init
 
 TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
 
@@ -23,11 +24,7 @@ def inputs(batch=2, seed=1):
 
 def calibrated(qconfig):
     torch.manual_seed(0)
-    model = STDiT(**TINY).eval()
-    with torch.no_grad():  # OpenSora zero-initialises some layers; give them values
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.02)
+    model = randomize_zero_init(STDiT(**TINY).eval())
     fp = copy.deepcopy(model)
     quantize_model(model, qconfig, adapter="stdit")
     calibrate_balancing(model, qconfig, lambda: model(*inputs(seed=2)[:3], mask=inputs(seed=2)[3]))

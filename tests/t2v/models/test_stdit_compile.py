@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks
+from t2v.pipeline.build import randomize_zero_init
 
 TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -14,12 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(dtype=torch.float32):
     torch.manual_seed(0)
-    model = STDiT(**TINY).eval()
-    with torch.no_grad():  # OpenSora zero-initialises some layers; give them values
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.02)
-    return model.to(dtype)
+    return randomize_zero_init(STDiT(**TINY).eval()).to(dtype)
 
 
 def inputs(mask_rows=2):
