@@ -105,6 +105,10 @@ class TrainConfig:
         "help": "raise the eps-MSE weight w of each sample to at least floor/SNR, i.e. give every timestep an "
                 "x0-space weight (w·SNR) of at least this floor; at high noise the plain eps MSE weighs the x0 "
                 "error by SNR ≈ 0, so the clip's layout and motion direction get no gradient. 0 = off"})
+    x0_weight_floor_final: float = field(default=-1.0, metadata={
+        "help": "anneal the floor along a cosine from --x0_weight_floor (after the warmup) to this value at --steps: "
+                "the layout and motion first, the shapes' detail later (docs/tiny_model.md session 14); "
+                "-1 = a constant floor"})
     high_t_fraction: float = field(default=0.0, metadata={
         "help": "fraction of each batch whose timesteps are drawn from [high_t_start, 1000) instead of [0, 1000) "
                 "(more updates where the layout and motion are decided); 0 = uniform, as OpenSora"})
@@ -165,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
         if self.x0_weight_floor < 0:
             raise ValueError(f"x0_weight_floor must be >= 0, got {self.x0_weight_floor}")
+        if self.x0_weight_floor_final < 0 and self.x0_weight_floor_final != -1.0:
+            raise ValueError(f"x0_weight_floor_final must be >= 0 (or -1: constant), got {self.x0_weight_floor_final}")
         if self.attention not in ATTENTION_CORES:
             raise ValueError(f"attention: expected one of {ATTENTION_CORES}, got {self.attention!r}")
         if not 0.0 <= self.word_dropout < 1.0:
@@ -334,14 +340,27 @@ def load_train_state(cfg: TrainConfig, path: Path, device: torch.device) -> Trai
 
 # ---- one step ---------------------------------------------------------------------------------------
 
+def _cosine(cfg: TrainConfig, step: int, start: float, end: float) -> float:
+    """From `start` (until the warmup ends) along a cosine to `end` at step `steps`."""
+    progress = min(1.0, max(0, step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over `warmup_steps`, then constant (OpenSora trains at a constant lr) or a cosine from lr down
     to lr·lr_final_ratio at step `steps`."""
     warm = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
         return warm
-    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
-    return cfg.lr * (cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return _cosine(cfg, step, cfg.lr, cfg.lr * cfg.lr_final_ratio)
+
+
+def x0_floor_at(cfg: TrainConfig, step: int) -> float:
+    """The x0 weight floor κ of step `step`: `x0_weight_floor`, or with `x0_weight_floor_final` ≥ 0 a cosine from
+    it to that value (constant during the warmup)."""
+    if cfg.x0_weight_floor_final < 0:
+        return cfg.x0_weight_floor
+    return _cosine(cfg, step, cfg.x0_weight_floor, cfg.x0_weight_floor_final)
 
 
 @torch.no_grad()
@@ -381,33 +400,36 @@ def sample_timesteps(cfg: TrainConfig, num_steps: int, device) -> torch.Tensor:
     return index
 
 
-def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor) -> torch.Tensor:
+def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor, floor: float | None = None) -> torch.Tensor:
     """float32 [B]: the weight of each sample's MSE (of ε or of v, `cfg.prediction`), chosen in x0 space.
 
     An x0 error e is an ε error √SNR_t·e and a v error √(SNR_t+1)·e, so the MSE of the prediction weighs the
     x0 MSE by k_t = SNR_t (ε) or SNR_t + 1 (v), with SNR_t = ᾱ_t/(1 − ᾱ_t); k_t → 0 at high noise for ε.
     "none": w = 1 (the plain MSE, OpenSora). "min_snr" (Hang et al. 2023): w = min(SNR_t, γ)/k_t, which damps the
     easy low-noise steps. Then, with `x0_weight_floor` κ > 0, w = max(w, κ/k_t): every timestep's x0 weight w·k_t
-    is at least κ. The VLB (variance) term is left unweighted."""
+    is at least κ (`floor`, default `x0_weight_floor`; `x0_floor_at` anneals it). The VLB (variance) term is left
+    unweighted."""
     alpha_bar = diffusion.schedule.alphas_cumprod.to(index.device, torch.float32)[index]
     snr = alpha_bar / (1 - alpha_bar)
     x0_per_unit = snr if cfg.prediction == "eps" else snr + 1
     weights = torch.ones(index.shape, device=index.device)
     if cfg.loss_weighting == "min_snr":
         weights = snr.clamp(max=cfg.min_snr_gamma) / x0_per_unit
-    if cfg.x0_weight_floor > 0:
-        weights = torch.maximum(weights, cfg.x0_weight_floor / x0_per_unit)
+    floor = cfg.x0_weight_floor if floor is None else floor
+    if floor > 0:
+        weights = torch.maximum(weights, floor / x0_per_unit)
     return weights
 
 
 def batch_loss(cfg: TrainConfig, module: TinyT2V, diffusion: IDDPM, videos: torch.Tensor, index: torch.Tensor,
-               ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(optimised loss, mean MSE, mean VLB term) of one batch, 0-dim each: the part of a step that
-    `--compile_scope loss` compiles. videos [B, 3, T, H, W], index int64 [B], ids / mask [B, L]."""
+    `--compile_scope loss` compiles. videos [B, 3, T, H, W], index int64 [B], ids / mask [B, L], weights float32 [B]
+    (`mse_weights`: an input rather than computed inside, so that an annealed floor does not recompile)."""
     y = module.encode_text(ids, mask)  # [B, 1, L, C_cap]
     terms = diffusion.training_losses(module.dit, videos, index, model_kwargs={"y": y, "mask": mask},
                                       clamp_variance=cfg.clamp_variance)
-    loss = (mse_weights(cfg, diffusion, index) * terms["mse"] + terms["vb"]).mean()
+    loss = (weights * terms["mse"] + terms["vb"]).mean()
     return loss, terms["mse"].mean(), terms["vb"].mean()
 
 
@@ -439,13 +461,14 @@ def train_step(state: TrainState, diffusion: IDDPM, token_ids: torch.Tensor, tok
     if cfg.word_dropout > 0:
         mask = drop_caption_words(mask, cfg.word_dropout)
     index = sample_timesteps(cfg, diffusion.num_sampling_steps, device)
+    weights = mse_weights(cfg, diffusion, index, x0_floor_at(cfg, state.step))
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step)
     module.train()
     if cfg.compile and cfg.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed: reuse its memory
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss, mse, vb = loss_fn(cfg, module, diffusion, videos, index, ids, mask)
+        loss, mse, vb = loss_fn(cfg, module, diffusion, videos, index, ids, mask, weights)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)

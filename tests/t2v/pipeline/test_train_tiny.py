@@ -16,7 +16,7 @@ from t2v.pipeline.config import ConfigError, load_inference_config
 from t2v.pipeline.sample import build_pipeline, generate_videos
 from t2v.pipeline.train_tiny import (MODEL_NAME, STATE_NAME, TrainConfig, build_tiny_model, caption_token_table,
                                      drop_caption_words, lr_at, mse_weights, new_state, sample_timesteps, train,
-                                     train_step)
+                                     train_step, x0_floor_at)
 from t2v.pipeline.video_io import read_video
 from t2v.schedulers.iddpm import IDDPM
 from t2v.scripts import train_tiny as train_tiny_cli
@@ -184,6 +184,19 @@ def test_x0_weight_floor_keeps_the_x0_space_weight_of_high_noise_steps():
     torch.testing.assert_close(plain, torch.maximum(torch.ones(5), 0.05 / snr))
     with pytest.raises(ValueError, match="x0_weight_floor"):
         TrainConfig(x0_weight_floor=-1.0)
+    # an explicit floor (the annealed one of a step) replaces the configured floor
+    torch.testing.assert_close(mse_weights(cfg, diffusion, index, floor=0.0),
+                               mse_weights(TrainConfig(loss_weighting="min_snr", min_snr_gamma=5.0), diffusion, index))
+
+
+def test_the_annealed_x0_floor_follows_a_cosine_from_the_floor_to_the_final_value():
+    cfg = TrainConfig(x0_weight_floor=1.0, x0_weight_floor_final=0.2, steps=1100, warmup_steps=100)
+    assert x0_floor_at(cfg, 0) == x0_floor_at(cfg, 100) == 1.0  # constant through the warmup
+    assert x0_floor_at(cfg, 600) == pytest.approx(0.6)  # halfway: the mean of the two
+    assert x0_floor_at(cfg, 1100) == pytest.approx(0.2) and x0_floor_at(cfg, 5000) == pytest.approx(0.2)
+    assert x0_floor_at(TrainConfig(x0_weight_floor=0.7, steps=1100), 900) == 0.7  # -1: constant
+    with pytest.raises(ValueError, match="x0_weight_floor_final"):
+        TrainConfig(x0_weight_floor_final=-0.5)
 
 
 def test_init_from_loads_the_weights_and_counts_their_steps(trained):
