@@ -20,6 +20,9 @@ Variants (rows of the step table; each in its own try/except, an error is printe
                                 the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)
   <model>, fast, residual adds apart  with --fast --unfused_residual: the fast rows without the residual step in
                                 the quantization kernel (x + gate·y as its own op, as before session 12)
+  <model>, fast, MLP residual apart  with --fast --mlp_residual_apart: the fast rows with each block's MLP residual
+                                add in its own block (STDiT.defer_mlp_residual off: an op of its own, not in the next
+                                block's norm1 quantization)
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
                                 use_fast_accum (Hopper's FP8 accumulation without periodic promotion)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--unfused_residual", action="store_true",
                    help="with --fast: also the fast rows with the residual adds as separate ops (no residual step in "
                         "the quantization kernel, as before session 12), side by side")
+    p.add_argument("--mlp_residual_apart", action="store_true",
+                   help="with --fast: also the fast rows with each block's MLP residual add in its own block "
+                        "(STDiT.defer_mlp_residual off), side by side")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--fast_accum_rows", action="store_true",
                    help="with --fast: also the fast rows with torch._scaled_mm's use_fast_accum, side by side")
@@ -302,6 +308,13 @@ def main(argv=None) -> int:
                              temporal_attention="short_triton", int_act_quant="fused")
             finally:
                 stdit.quantize_residual = fused_residual
+        if args.mlp_residual_apart:  # the fast rows before the MLP residual add moved into the next block
+            model.defer_mlp_residual = False
+            try:
+                run_variants(f"{name} fast, MLP residual apart", model, reference, {},
+                             temporal_attention="short_triton", int_act_quant="fused")
+            finally:
+                model.defer_mlp_residual = True
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
         numerics.update({f"fast: {key}": value for key, value in fast.items()})

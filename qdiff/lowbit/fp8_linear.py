@@ -131,7 +131,8 @@ class FP8Linear(LowBitLinear):
     Buffers (persistent unless noted): qweight float8_e4m3fn [N, K] ("fp8_e4m3") or the integer container (uint8
     [N, ⌈K/2⌉] int4x2, int8 [N, K]); w_scale f32 [N]; w_zero int32 [N] (affine integer weights); bias f32 [N];
     smooth_scale f32 [K]; post_a f32 [r, K]; post_b f32 [N, r]; frame_scale f32 [T]; rotation f32 [K, K]
-    (non-persistent); weight_e4m3 (non-persistent, integer weights with `cache_weight` after `prepare`).
+    (non-persistent); weight_e4m3 (non-persistent, integer weights with `cache_weight` after `prepare`); bias_bf16
+    bf16 [N] (non-persistent, after `prepare`: the GEMM's bias for bf16 inputs, not cast in every forward).
     Attributes: backend; fast_accum (False); cache_weight (False: integer codes are unpacked to e4m3 in every forward,
     a small elementwise op that keeps the memory at the packed size; True: `prepare` keeps the e4m3 copy);
     fuse_input (False: eager, take a QuantizedInput from a fused producer); compile_act_quant ("torch", "kernel" or
@@ -180,6 +181,7 @@ class FP8Linear(LowBitLinear):
         self.register_buffer("frame_scale", torch.zeros(num_frames, **factory) if use_frames else None)
         self.register_buffer("rotation", torch.eye(in_features, **factory) if rotation else None, persistent=False)
         self.register_buffer("weight_e4m3", None, persistent=False)
+        self.register_buffer("bias_bf16", None, persistent=False)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -230,7 +232,7 @@ class FP8Linear(LowBitLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.weight_e4m3 = None  # derived from qweight: rebuilt by prepare()
+        self.weight_e4m3 = self.bias_bf16 = None  # derived from qweight and bias: rebuilt by prepare()
 
     # ------------------------------------------------------------------------------ forward
     def e4m3_weight(self) -> torch.Tensor:
@@ -250,12 +252,13 @@ class FP8Linear(LowBitLinear):
         return self.e4m3_weight().float() * self.w_scale[:, None]
 
     def prepare(self) -> None:
-        """Probe torch._scaled_mm on this layer's device (bf16, fp16, fp32 outputs) and build the e4m3 weight cache
-        when `cache_weight` is on. Needed before torch.compile (a compiled forward does not probe)."""
+        """Probe torch._scaled_mm on this layer's device (bf16, fp16, fp32 outputs), build the bf16 bias and the e4m3
+        weight cache when `cache_weight` is on. Needed before torch.compile (a compiled forward does not probe)."""
         device = self.qweight.device
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             scaled_mm_supported(device, dtype, self.bias is not None)
         self.weight_e4m3 = None
+        self.bias_bf16 = None if self.bias is None else self.bias.to(torch.bfloat16)
         if self.cache_weight and self.w_format != FP8_FORMAT:
             self.weight_e4m3 = self.e4m3_weight()
 
@@ -293,7 +296,9 @@ class FP8Linear(LowBitLinear):
             codes, scale = x.acts[self][0]
         else:
             codes, scale = self.quantize_input(x)
-        y = fp8_gemm(codes, scale, self.e4m3_weight(), self.w_scale, self.bias, out_dtype=x.dtype,
+        # the GEMM rounds its bias to the output dtype: the bf16 copy saves that cast (~200 small kernels per XL/2 step)
+        bias = self.bias_bf16 if self.bias_bf16 is not None and x.dtype == torch.bfloat16 else self.bias
+        y = fp8_gemm(codes, scale, self.e4m3_weight(), self.w_scale, bias, out_dtype=x.dtype,
                      backend=self.backend, fast_accum=self.fast_accum)
         if self.post_a is not None:
             y = (y.float() + self._post_term(codes, scale)).to(x.dtype)

@@ -25,7 +25,7 @@ from qdiff.lowbit.int_linear import IntLinear
 # buffers with one row per output channel, stacked along dim 0; every other persistent buffer must be equal
 OUT_CHANNEL_BUFFERS = ("qweight", "w_scale", "w_zero", "bias")
 # derived state, rebuilt after merging (IntLinear.prepare / FP8Linear.prepare or the first forward)
-DERIVED = {"w_colsum": None, "weight_e4m3": None}
+DERIVED = {"w_colsum": None, "weight_e4m3": None, "bias_bf16": None}
 # constructor settings that must agree (besides the class)
 SETTINGS = ("in_features", "w_bits", "a_bits", "w_symmetric", "a_symmetric", "act_mode", "container", "w_format",
             "backend", "num_frames", "compile_act_quant", "fuse_input", "fast_accum", "cache_weight")

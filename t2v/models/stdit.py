@@ -14,16 +14,18 @@ When the linears after a LayerNorm + modulation or after the MLP's GELU are low-
 (``qdiff.lowbit.IntLinear``, ``FP8Linear``) with fusion on, the block hands them their input already quantized by one
 fused kernel (``qdiff.lowbit.fused``); so it does after a residual add (`STDiTBlock._residual`: the kernel also writes
 the new residual stream; before the frame-major temporal linears it also adds the temporal table to their input,
-not to the stream); every other model runs the eager ops.
+not to the stream); every other model runs the eager ops. At inference a block's last residual add (the MLP's) is
+handed to the next block (`STDiT.defer_mlp_residual`), where it runs in the quantization of the spatial q/k/v input.
 
 ``compile_blocks(model)`` compiles every block with torch.compile (static shapes, one graph per block, no graph
 breaks) for inference: bf16, fake-quant (QuantLinear) and integer (IntLinear) models alike. The compiler fuses the
 elementwise and layout work (modulation, gates, residuals, spatial<->temporal copies, LayerNorm, and the integer
 layers' per-token activation quantization) into the kernels around the GEMMs and attention. While compiled, the text
 is passed padded to ``model_max_length`` with a key mask instead of packed, and every block gets a temporal table
-(zeros after the first), so one graph serves all blocks and prompt lengths with the same values; the temporal
-attention may run as matmul-softmax-matmul (the default when compiled) or as the Triton kernel of
-`qdiff.kernels.short_attention` (``temporal_attention="short_triton"``, also eagerly: `set_temporal_attention`).
+(zeros after the first) and a deferred MLP residual add to take (zeros for the first), so one graph serves all
+blocks and prompt lengths with the same values; the temporal attention may run as matmul-softmax-matmul (the
+default when compiled) or as the Triton kernel of `qdiff.kernels.short_attention`
+(``temporal_attention="short_triton"``, also eagerly: `set_temporal_attention`).
 """
 import json
 import os
@@ -279,7 +281,9 @@ class STDiTBlock(nn.Module):
         t0: torch.Tensor,
         y_lens: list[int] | torch.Tensor | None,
         temporal_pos_embed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+        defer_residual: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T·S, C], y [1, ΣL_b, C] packed text, t0 [B, 6C], y_lens [B] -> [B, T·S, C].
 
         Or y [B, L, C] padded text with y_lens its bool key mask [B, L] or None (`MultiHeadCrossAttention`).
@@ -287,13 +291,24 @@ class STDiTBlock(nn.Module):
         temporal_pos_embed [1, T, C] is added to the temporal attention's input (first block only). The temporal
         attention runs on x viewed as [B, T, S, C] (`Attention.forward_frames`) when `Attention.runs_frame_major`,
         else on the permuted copy [B·S, T, C].
+
+        pending: the previous block's deferred MLP residual add, (branch [B, T·S, C], gate [B, 1, C]): this block's
+        input is x + gate·branch, added in the quantization of the spatial q/k/v input where it can be
+        (`_residual`). defer_residual: return (x [B, T·S, C], MLP output [B, T·S, C], gate_mlp [B, 1, C]) instead
+        of their sum x + gate_mlp·MLP output.
         """
         T, S = self.num_temporal, self.num_spatial
         modulation = self.scale_shift_table[None] + rearrange(t0, "B (six C) -> B six C", six=6)  # [B, 6, C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, C] each
 
         # 1. spatial self-attention over the S tokens of each frame
-        x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, *self.attn.input_linears())
+        x_s = None
+        if pending is not None:
+            branch, gate = pending
+            x, x_s = self._residual(x, branch, gate, *self.attn.input_linears(), norm=self.norm1, shift=shift_msa,
+                                    scale=scale_msa)
+        if x_s is None:
+            x_s = self._modulated(x, self.norm1, shift_msa, scale_msa, *self.attn.input_linears())
         x_s = x_s.reshape(x.shape[0] * T, S, x.shape[-1])  # "B (T S) C -> (B T) S C"
         x_s = rearrange(self.attn(x_s), "(B T) S C -> B (T S) C", T=T, S=S)
         # frame-major, the temporal linears read the new x (+ the table) in the token order as it is: the residual add
@@ -329,8 +344,9 @@ class STDiTBlock(nn.Module):
         # 4. MLP
         if h is None:
             h = self._modulated(x, self.norm2, shift_mlp, scale_mlp, self.mlp.fc1)
-        x = x + gate_mlp * self._mlp(h)
-        return x
+        if defer_residual:
+            return x, self._mlp(h), gate_mlp
+        return x + gate_mlp * self._mlp(h)
 
     @staticmethod
     def _modulated(x, norm, shift, scale, *readers):
@@ -464,9 +480,14 @@ class STDiT(nn.Module):
         self.num_spatial = self.grid_size[1] * self.grid_size[2]
         self.grad_checkpointing = False
         # fixed-shape block inputs for compiled blocks (set by compile_blocks): the text padded with a key mask instead
-        # of packed, and a temporal table for every block (zeros after the first: x + 0 is x), so one compiled graph
-        # serves every block and every prompt length
+        # of packed, a temporal table for every block (zeros after the first: x + 0 is x) and, with deferred MLP
+        # residual adds, a zero one for the first block, so one compiled graph serves every block and every prompt length
         self.static_block_inputs = False
+        # inference (autograd off) hands each block's MLP residual add to the next block (STDiTBlock's `pending`),
+        # where it runs inside the next block's norm1 quantization when its q/k/v are fused low-bit layers, and
+        # otherwise as the same eager add: the same ops, the same numbers. With autograd on the add stays in its block:
+        # deferred, a checkpointed block would keep two activations (the stream and the MLP output) instead of one
+        self.defer_mlp_residual = True
 
         self.register_buffer("pos_embed", self.spatial_pos_embed(), persistent=True)  # [1, S, C]
         self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(), persistent=True)  # [1, T, C]
@@ -553,13 +574,25 @@ class STDiT(nn.Module):
         # 4. blocks; the temporal table enters the first block's temporal attention only (OpenSora v1.0), or every
         #    block's with temporal_pos="every_block"
         no_table = torch.zeros_like(self.pos_embed_temporal) if self.static_block_inputs else None
+        defer = self.defer_mlp_residual and not torch.is_grad_enabled()
+        pending = None  # the previous block's deferred MLP residual add: (branch [B, T·S, C], gate [B, 1, C])
+        if defer and self.static_block_inputs:
+            # block 0 takes a zero add (x + 0·0 is x), its gate laid out as a modulation chunk (strides included), so
+            # one compiled graph still serves every block
+            pending = (torch.zeros_like(x), torch.zeros_like(t0).view(x.shape[0], 6, -1)[:, 5:])
         for i, block in enumerate(self.blocks):
             with_table = i == 0 or self.temporal_pos == "every_block"
             temporal_pos_embed = self.pos_embed_temporal if with_table else no_table
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if defer:
+                x, branch, gate = block(x, y, t0, y_lens, temporal_pos_embed, pending=pending, defer_residual=True)
+                pending = (branch, gate)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
             else:
                 x = block(x, y, t0, y_lens, temporal_pos_embed)
+        if pending is not None:  # the last block's add
+            branch, gate = pending
+            x = x + gate * branch
 
         # 5. final layer and unpatchify, output in float32 as OpenSora does
         x = self.final_layer(x, t)  # [B, T·S, p_t·p_h·p_w·C_out]
@@ -725,8 +758,9 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
 
     Each block is compiled with ``dynamic=False`` (and ``fullgraph`` by default: a graph break raises). The model
     switches to fixed-shape block inputs (``static_block_inputs``: padded text with a key mask, and a zero temporal
-    table after the first block), so the 28 blocks of XL/2 share one compiled graph and no prompt length recompiles;
-    the temporal attention runs as ``temporal_attention`` (`set_temporal_attention`): "math" (the default)
+    table after the first block, and a zero deferred MLP residual add for the first block), so the 28 blocks of XL/2
+    share one compiled graph and no prompt length recompiles; the temporal attention runs as ``temporal_attention``
+    (`set_temporal_attention`): "math" (the default)
     matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton kernel as one opaque custom op); spatial and cross
     attention stay SDPA. Works for float (bf16/fp16/fp32), fake-quant (QuantLinear) and integer (IntLinear)
     models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the

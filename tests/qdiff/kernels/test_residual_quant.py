@@ -362,9 +362,10 @@ def test_interp_stdit_block_fused_equals_unfused(interpreter):
 @child_only
 def test_interp_stdit_fp8_table_fused_equals_unfused(interpreter):
     """The tiny STDiT as FP8Linear (w8a8_fp8), bf16, frame-major temporal attention, with the compiled blocks' inputs
-    (`static_block_inputs`: block 0 the temporal table, block 1 a zero table), run eagerly: with fusion on, the
-    residual launches run the FP8 kernel (forced: on the CPU "auto" takes the reference) and the temporal q/k/v of
-    both blocks read x + table from it; the output equals the unfused model's."""
+    (`static_block_inputs`: block 0 the temporal table, block 1 a zero table; block 0 a zero deferred MLP residual
+    add, block 1 block 0's), run eagerly: with fusion on, the residual launches run the FP8 kernel (forced: on the CPU
+    "auto" takes the reference) and the temporal q/k/v of both blocks read x + table from it; the output equals the
+    unfused model's."""
     from qdiff.lowbit import convert_to_int, fused, set_fusion
     from t2v.models.stdit import set_temporal_attention
 
@@ -386,6 +387,7 @@ def test_interp_stdit_fp8_table_fused_equals_unfused(interpreter):
         assert not launches
         set_fusion(model, True)
         out = model(x, t, y, mask=mask)
-    # per block: the temporal q/k/v (block 0: the real table, block 1: zeros), cross q, fc1 (+ LayerNorm + modulate)
-    assert launches == [True, None, None, False, None, None]
+    # per block: the spatial q/k/v (the deferred MLP residual add + LayerNorm + modulate), the temporal q/k/v (block 0:
+    # the real table, block 1: zeros), cross q, fc1 (+ LayerNorm + modulate)
+    assert launches == [None, True, None, None, None, False, None, None]
     assert torch.equal(out, unfused)

@@ -2,7 +2,8 @@
 on the eager activation (CPU: the torch reference runs the model's own ops), readers share launches where their input
 signature agrees, unfusable readers are refused; the tiny STDiT (w8a8_fp8, w4a8_fp8) gives the same output with
 fusion on and off (also with the residual adds fused in front of the quantization, frame-major temporal attention
-with the temporal table added in the same kernel, and merged q/k/v included), and under torch.compile
+with the temporal table added in the same kernel, and merged q/k/v included), and with the MLP residual add deferred
+into the next block's norm1 quantization as with it in its block; under torch.compile
 (int_act_quant="fused" / "kernel") the FP8 quantization is one opaque op per launch with the producers (and residual
 adds) inside, no graph break, and the eager output. Also: compiled IntLinear readers without smoothing share one
 launch."""
@@ -143,10 +144,12 @@ RESIDUAL_ADD_LN, RESIDUAL_ADD, RESIDUAL_ADD_TABLE = ("residual", 1), ("residual"
 
 
 @pytest.mark.parametrize("yaml,expected", [
-    # per block: q/k/v share one launch; cross-attention's q after the temporal residual add; fc1 after the cross
-    # residual add, with norm2 + modulate; fc2's GELU
-    ("configs/quant/w8a8_fp8.yaml", {1: 2, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 2, 2: 2}),
-    ("configs/quant/w4a8_fp8.yaml", {1: 2 * 3, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 2, 2: 2}),  # smoothing: q, k, v
+    # per block: q/k/v share one launch (block 1's after block 0's deferred MLP residual add, with norm1 + modulate);
+    # cross-attention's q after the temporal residual add; fc1 after the cross residual add, with norm2 + modulate;
+    # fc2's GELU
+    ("configs/quant/w8a8_fp8.yaml", {1: 1, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 3, 2: 2}),
+    # smoothing: q, k, v a launch each; block 1's k and v read the sum its q's launch wrote
+    ("configs/quant/w4a8_fp8.yaml", {1: 3 + 2, RESIDUAL_ADD: 2, RESIDUAL_ADD_LN: 3, 2: 2}),
 ])
 def test_stdit_fusion_on_equals_off(launches, yaml, expected):
     _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
@@ -159,6 +162,39 @@ def test_stdit_fusion_on_equals_off(launches, yaml, expected):
         out = model(x, t, y, mask=mask)
     assert {kind: launches.count(kind) for kind in set(launches)} == expected
     assert torch.equal(out, unfused)
+
+
+@pytest.mark.parametrize("yaml", ["configs/quant/w8a8_fp8.yaml", "configs/quant/w4a8_fp8.yaml"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stdit_deferred_mlp_residual_runs_in_norm1_quantization(monkeypatch, yaml, dtype):
+    """Inference with fusion on: block 0's MLP residual add runs in the quantization of block 1's spatial q/k/v input
+    (`quantize_residual` with norm1, fused), and the output is the in-block adds' bit for bit: on the CPU the fused
+    path runs the torch reference, the model's own ops (the GPU kernels: tests/qdiff/kernels/test_residual_quant.py)."""
+    import t2v.models.stdit as stdit
+
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
+    convert_to_int(model)
+    model.to(dtype)
+    set_fusion(model, True)
+    calls = []  # (norm, fused) per quantize_residual call
+    original = stdit.quantize_residual
+
+    def spy(*args, norm=None, **kwargs):
+        result = original(*args, norm=norm, **kwargs)
+        calls.append((norm, result is not None))
+        return result
+
+    monkeypatch.setattr(stdit, "quantize_residual", spy)
+    x, t, y, mask = model_helpers.inputs()
+    norm1 = [block.norm1 for block in model.blocks]  # modules compare by identity
+    with torch.no_grad():
+        deferred = model(x, t, y, mask=mask)
+        assert [call for call in calls if call[0] in norm1] == [(block.norm1, True) for block in model.blocks[1:]]
+        calls.clear()
+        model.defer_mlp_residual = False
+        in_block = model(x, t, y, mask=mask)
+    assert calls and not any(norm in norm1 for norm, _ in calls)
+    assert torch.equal(deferred, in_block)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -184,8 +220,10 @@ def test_stdit_frame_major_residual_fusion_equals_off(launches, static, merged, 
         set_fusion(model, True)
         out = model(x, t, y, mask=mask)
     tables = 1 + static  # block 0's temporal q/k/v read x + the table, block 1's x (+ zeros when static)
-    assert {kind: launches.count(kind) for kind in set(launches)} == {
-        1: 2, RESIDUAL_ADD: 2 + 2 - tables, RESIDUAL_ADD_TABLE: tables, RESIDUAL_ADD_LN: 2, 2: 2}
+    # block 1's spatial q/k/v read block 0's deferred MLP residual add; static: block 0's a zero one too
+    expected = {1: 1 - static, RESIDUAL_ADD: 2 + 2 - tables, RESIDUAL_ADD_TABLE: tables, RESIDUAL_ADD_LN: 3 + static,
+                2: 2}
+    assert {kind: launches.count(kind) for kind in set(launches)} == {k: n for k, n in expected.items() if n}
     assert out.dtype == torch.float32 and torch.equal(out, unfused)
 
 
@@ -222,9 +260,10 @@ def test_stdit_compiles_with_fp8_kernel_op(mode, launches_per_block):
     convert_to_int(model)
     eager, compiled, targets = compiled_vs_eager(model, mode)
     assert sum("qdiff.quantize_fp8_per_token" in t for t in targets) == launches_per_block
-    # fused: the temporal and the cross residual adds run in the quantization of cross q's and fc1's inputs (the
-    # compiled blocks all get a temporal table, so the spatial one never feeds the temporal q/k/v directly)
-    assert sum("qdiff.quantize_fp8_per_token_residual" in t for t in targets) == (2 if mode == "fused" else 0)
+    # fused: the deferred MLP residual add of the block before (zeros for block 0), the temporal and the cross residual
+    # adds run in the quantization of q/k/v's, cross q's and fc1's inputs (the compiled blocks all get a temporal
+    # table, so the spatial one never feeds the temporal q/k/v directly)
+    assert sum("qdiff.quantize_fp8_per_token_residual" in t for t in targets) == (3 if mode == "fused" else 0)
     left = [t for t in targets if "layer_norm" in t or "gelu" in t]
     assert not left if mode == "fused" else left, left
     assert all(layer.compile_act_quant == mode for _, layer in fp8_layers(model))

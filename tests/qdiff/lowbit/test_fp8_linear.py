@@ -141,6 +141,39 @@ def test_weight_cache_and_dtype_moves():
     assert w8.qweight.dtype == torch.float8_e4m3fn and w8.bias.dtype == torch.float32
 
 
+def test_bf16_bias_is_cast_once(monkeypatch):
+    """`prepare` keeps the bias in bf16 (the GEMM rounds it to the output dtype anyway): bf16 inputs hand fp8_gemm that
+    copy, with the same output, other dtypes the float32 bias. It is derived: not in the state dict or the weight
+    bytes, cleared by a loaded state dict, not carried into a merged layer."""
+    from qdiff.lowbit.merge import merge_linears
+
+    layers = [FP8Linear.from_quant_linear(quant_linear(WEIGHTS["w8_fp8"], seed=seed)) for seed in range(2)]
+    fp8 = layers[0]
+    biases = []
+    original = fp8_linear.fp8_gemm
+
+    def spy(*args, **kwargs):
+        biases.append(args[4])  # fp8_gemm(codes, scale, w, w_scale, bias, ...)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fp8_linear, "fp8_gemm", spy)
+    x = torch.randn(10, 64).bfloat16()
+    weight_bytes = fp8.weight_bytes()
+    with torch.no_grad():
+        uncached = fp8(x)
+        for layer in layers:
+            layer.prepare()
+        assert fp8.bias_bf16.dtype == torch.bfloat16 and torch.equal(fp8.bias_bf16, fp8.bias.bfloat16())
+        assert torch.equal(fp8(x), uncached)
+        fp8(x.float())
+    assert biases[0] is fp8.bias and biases[1] is fp8.bias_bf16 and biases[2] is fp8.bias
+    assert "bias_bf16" not in fp8.state_dict() and fp8.weight_bytes() == weight_bytes
+    merged = merge_linears(layers)
+    assert merged.bias_bf16 is None  # the first layer's [N] copy would be stale for the merged [2N]
+    fp8.load_state_dict(fp8.state_dict())
+    assert fp8.bias_bf16 is None
+
+
 def test_gemm_dispatch_and_fallback(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     a, scale_a = fp8_linear.quantize_fp8_per_token(torch.randn(33, 64, generator=gen))

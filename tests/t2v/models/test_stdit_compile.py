@@ -1,6 +1,7 @@
 """Compiled STDiT blocks (`compile_blocks`) on the CPU: no graph breaks, one graph for every block, and the same
 output as the eager model in float32 and bfloat16. The fixed-shape block inputs (padded text + key mask, zero
-temporal table) and the matmul-softmax-matmul temporal attention are checked eagerly against the default path.
+temporal table) and the matmul-softmax-matmul temporal attention are checked eagerly against the default path, and so
+is the MLP residual add deferred into the next block at inference (`STDiT.defer_mlp_residual`).
 Compilation uses the aot_eager backend (dynamo + AOT autograd, no code generation) to stay fast on a 2-core CPU;
 inductor's code for the quantizer is checked in tests/qdiff/kernels/test_act_quant_torch.py."""
 import pytest
@@ -95,6 +96,74 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
     with torch.no_grad():
         assert torch.equal(model(x, t, y, mask=mask), eager)
     torch._dynamo.reset()
+
+
+def block_calls(model):
+    """(block index, got a deferred add, asked to defer its own) per block call of `model`, recorded from now on."""
+    calls = []
+    for index, block in enumerate(model.blocks):
+        def record(module, args, kwargs, index=index):
+            calls.append((index, kwargs.get("pending") is not None, kwargs.get("defer_residual", False)))
+
+        block.register_forward_pre_hook(record, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_deferred_mlp_residual_equals_the_add_in_its_block(static):
+    """Inference: each block hands its MLP residual add to the next one (static inputs: block 0 takes a zero add) and
+    the model adds the last block's; the output is the in-block adds' bit for bit (the same ops)."""
+    model = tiny_model()
+    model.static_block_inputs = static
+    calls = block_calls(model)
+    x, t, y, mask = inputs()
+    with torch.no_grad():
+        deferred = model(x, t, y, mask=mask)
+        assert calls == [(0, static, True), (1, True, True)]
+        calls.clear()
+        model.defer_mlp_residual = False
+        in_block = model(x, t, y, mask=mask)
+    assert calls == [(0, False, False), (1, False, False)]
+    assert torch.equal(deferred, in_block)
+
+
+def test_training_keeps_the_mlp_residual_in_its_block():
+    """With autograd on (here training with gradient checkpointing) no add is deferred: a checkpointed block keeps
+    one input tensor, not the stream and the MLP output."""
+    model = tiny_model().train()
+    model.enable_gradient_checkpointing()
+    calls = block_calls(model)
+    x, t, y, mask = inputs()
+    model(x, t, y, mask=mask).square().mean().backward()
+    assert calls and not any(pending or defer for _, pending, defer in calls)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
+
+
+def test_deferred_block_call_through_distillation_checkpointing():
+    """`STDiTBlock(..., pending=, defer_residual=True)` computes the block of x + gate·branch and returns its last add
+    undone; inside `qdiff.distill.checkpointing.checkpointed` (torch.utils.checkpoint with keyword arguments and a
+    tuple output) the outputs and the input gradient are the unwrapped call's."""
+    from qdiff.distill.checkpointing import checkpointed
+
+    block = tiny_model().blocks[1]
+    gen = torch.Generator().manual_seed(3)
+    x, branch, y = torch.randn(2, 64, 64, generator=gen), torch.randn(2, 64, 64, generator=gen), torch.randn(2, 8, 64)
+    gate, t0 = torch.randn(2, 1, 64, generator=gen), torch.randn(2, 6 * 64, generator=gen)
+    key_mask = torch.ones(2, 8, dtype=torch.bool)
+    with torch.no_grad():
+        stream, mlp, gate_mlp = block(x, y, t0, key_mask, pending=(branch, gate), defer_residual=True)
+        assert torch.equal(stream + gate_mlp * mlp, block(x + gate * branch, y, t0, key_mask))
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        outputs = block(leaf, y, t0, key_mask, pending=(branch, gate), defer_residual=True)
+        sum(out.square().sum() for out in outputs).backward()
+        return (*outputs, leaf.grad)
+
+    plain = run()
+    with checkpointed([block]):
+        wrapped = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, wrapped, strict=True))
 
 
 def test_compile_blocks_rejects_unknown_attention():
