@@ -760,10 +760,9 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     switches to fixed-shape block inputs (``static_block_inputs``: padded text with a key mask, and a zero temporal
     table after the first block, and a zero deferred MLP residual add for the first block), so the 28 blocks of XL/2
     share one compiled graph and no prompt length recompiles; the temporal attention runs as ``temporal_attention``
-    (`set_temporal_attention`): "math" (the default)
-    matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton kernel as one opaque custom op); spatial and cross
-    attention stay SDPA. Works for float (bf16/fp16/fp32), fake-quant (QuantLinear) and integer (IntLinear)
-    models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
+    (`set_temporal_attention`): "math" (the default) matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton
+    kernel as one opaque custom op); spatial and cross attention stay SDPA. Works for float (bf16/fp16/fp32),
+    fake-quant (QuantLinear) and integer (IntLinear) models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
     first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches (temporal
     attention back to SDPA).
 
