@@ -194,8 +194,9 @@ def _triton_module():
 
 def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, caller: str) -> tuple:
     """Check and lay out what the quantization kernels read: (x [M, K] with unit column stride, s [K] in x's dtype
-    or None, shift, mscale [B, K] contiguous (x itself, an unused pointer, without LayerNorm + modulate),
-    rows_per_sample, eps)."""
+    or None, shift, mscale [B, K] with unit column stride and one row stride (x itself, an unused pointer, without
+    LayerNorm + modulate), rows_per_sample, eps). Row-strided shift and scale (chunks of STDiT's [B, 6, K] modulation)
+    are read in place: a copy of each would be a kernel launch of its own."""
     if x.dim() != 2:
         raise ValueError(f"{caller}: expected x [M, K], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -216,13 +217,15 @@ def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, 
             raise ValueError(f"{name}: expected {x.dtype} [B, {cols}], got {tensor.dtype} {tuple(tensor.shape)}")
     if batch * producer.rows_per_sample != rows:
         raise ValueError(f"LayerNormModulate: {batch} samples x {producer.rows_per_sample} rows != M = {rows}")
-    shift, mscale = producer.shift.contiguous(), producer.scale.contiguous()
+    shift, mscale = producer.shift, producer.scale
+    if shift.stride(1) != 1 or mscale.stride(1) != 1 or shift.stride(0) != mscale.stride(0):  # the kernels' layout
+        shift, mscale = shift.contiguous(), mscale.contiguous()
     return x, smooth, shift, mscale, producer.rows_per_sample, float(producer.eps)
 
 
 def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> tuple:
     """Check and lay out the residual step's inputs for x [M, K] (as `kernel_inputs` returns it): (y [M, K] with
-    unit column stride, gate [B, K] contiguous, s: the new residual stream [M, K] to write, gate rows_per_sample,
+    unit column stride, gate [B, K] with unit column stride (rows read in place), s: the new residual stream [M, K] to write, gate rows_per_sample,
     gate row stride, RESIDUAL kind, table [T, K] contiguous, table rows_per_frame, T (0: no table)); without a
     residual (or gate, or table) x stands in for the unused pointers."""
     if residual is None:
@@ -252,7 +255,8 @@ def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> 
         raise ValueError(f"{caller}: gate: expected {x.dtype} [B, {cols}], got {gate.dtype} {tuple(gate.shape)}")
     if batch * residual.rows_per_sample != rows:
         raise ValueError(f"Residual: {batch} samples x {residual.rows_per_sample} rows != M = {rows}")
-    gate = gate.contiguous()
+    if gate.stride(1) != 1:
+        gate = gate.contiguous()
     return y, gate, out, residual.rows_per_sample, gate.stride(0), residual.kind, *table_args
 
 

@@ -57,6 +57,9 @@ def inputs(batch, tokens, cols, dtype, gated=True, strided=False, seed=0):
         (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
     x[0, -1] = 40.0
     gate = (torch.randn(batch, cols, generator=gen) * 0.7).to(dtype) if gated else None
+    if gated and strided:  # a chunk of a [B, 6, K] modulation, as STDiTBlock's gates are: rows read in place
+        gate = torch.stack([torch.zeros_like(gate)] * 5 + [gate], dim=1)[:, 5]
+        assert gate.stride() == (6 * cols, 1)
     return x, Residual(y, gate, tokens)
 
 
@@ -68,9 +71,11 @@ def table_inputs(batch, frames, per_frame, cols, dtype, gated=True, seed=0):
 
 
 def layernorm_modulate(batch, tokens, cols, dtype, seed=5):
+    """shift and scale [B, K] as chunks of one [B, 6, K] modulation (row stride 6·K), as STDiTBlock passes them."""
     gen = torch.Generator().manual_seed(seed)
-    return LayerNormModulate(torch.randn(batch, cols, generator=gen).to(dtype),
-                             (torch.randn(batch, cols, generator=gen) * 0.3).to(dtype), tokens)
+    modulation = torch.randn(batch, 6, cols, generator=gen).to(dtype)
+    modulation[:, 4] *= 0.3
+    return LayerNormModulate(modulation[:, 3], modulation[:, 4], tokens)
 
 
 def assert_bits_equal(got, expected, name):
