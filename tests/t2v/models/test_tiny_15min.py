@@ -33,3 +33,32 @@ def test_held_out_videos_follow_their_captions(tmp_path):
     assert all(r["colour"] and r["motion"] for r in results), results
     # 81.9% of 72 held-out videos on the GPU; squares now and then measure as circles (the only failures there)
     assert sum(r["all"] for r in results) >= 4, results
+
+
+def test_eval_tiny_counts_what_the_checker_says(tmp_path, capsys):
+    """t2v.scripts.eval_tiny on 2 held-out captions x 2 seeds at 10 steps: its summary is the mean of the checker's
+    per-video results, and --out is written once (refused again without --overwrite)."""
+    import json
+
+    import torch
+
+    from t2v.models.tiny_t2v import load_tiny_t2v
+    from t2v.scripts import eval_tiny
+
+    model = str(REPO / "checkpoints/tiny_t2v_15min/model.safetensors")
+    module, _ = load_tiny_t2v(model)
+    report = eval_tiny.caption_accuracy(module, shapes.heldout_prompts()[:2], [2, 3], 10, 4.0, torch.device("cpu"))
+    flat = [r for per_seed in report["results"] for r in per_seed]
+    assert report["videos"] == len(flat) == 4 and len(report["all_per_seed"]) == 2
+    for key in ("colour", "shape", "motion", "all"):
+        assert report["accuracy_pct"][key] == round(100 * sum(r[key] for r in flat) / 4, 1)
+    assert sum(report["all_per_seed"]) == sum(r["all"] for r in flat)
+    assert sum(report["shape_seen"].values()) == 4
+    out = tmp_path / "eval.json"
+    argv = [model, "--num_prompts", "2", "--seeds", "2,3", "--num_sampling_steps", "10", "--device", "cpu",
+            "--out", str(out)]
+    assert eval_tiny.main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["accuracy_pct"] == report["accuracy_pct"] and written["videos"] == 4
+    assert eval_tiny.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert eval_tiny.main([str(tmp_path / "missing.safetensors")]) == 2
