@@ -31,6 +31,9 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
     torch.ops.qdiff.short_attention(q, k, v, num_heads, backend) -> out like q, contiguous
         (`qdiff.kernels.short_attention.short_attention`: q, k, v [B, T, S, C] or [B', N, C] -> per-head
         softmax(q·kᵀ/√d)·v over dim 1)
+    torch.ops.qdiff.cross_attention(q, k, v, key_mask, num_heads, backend) -> out like q, contiguous
+        (`qdiff.kernels.cross_attention.cross_attention`: q [B, N, C], k, v [B, L ≤ 128, C], key_mask [B, L] bool
+        or None -> per-head softmax(q·kᵀ/√d)·v over the unmasked keys)
 
 Written without `from __future__ import annotations`: the op schemas are inferred from these annotations
 (typing.Optional, as torch 2.11 expects).
@@ -232,3 +235,19 @@ def short_attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, backend:
 @short_attention_op.register_fake
 def _short_attention_fake(q, k, v, num_heads, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, T, S, C] or [B', N, C], contiguous
+
+
+# ------------------------------------------------------------------------------------------ cross-attention
+@torch.library.custom_op("qdiff::cross_attention", mutates_args=())
+def cross_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_heads: int,
+                       backend: str) -> Tensor:
+    """`qdiff.kernels.cross_attention.cross_attention` (q [B, N, C], k, v [B, L, C] in any strides with channel
+    stride 1, key_mask [B, L] bool or None)."""
+    from qdiff.kernels.cross_attention import cross_attention
+
+    return cross_attention(q, k, v, key_mask, num_heads, backend=backend)
+
+
+@cross_attention_op.register_fake
+def _cross_attention_fake(q, k, v, key_mask, num_heads, backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, N, C], contiguous

@@ -25,7 +25,8 @@ is passed padded to ``model_max_length`` with a key mask instead of packed, and 
 (zeros after the first) and a deferred MLP residual add to take (zeros for the first), so one graph serves all
 blocks and prompt lengths with the same values; the temporal attention may run as matmul-softmax-matmul (the
 default when compiled) or as the Triton kernel of `qdiff.kernels.short_attention`
-(``temporal_attention="short_triton"``, also eagerly: `set_temporal_attention`).
+(``temporal_attention="short_triton"``, also eagerly: `set_temporal_attention`), and the cross-attention as the
+Triton kernel of `qdiff.kernels.cross_attention` (``cross_attention="triton"``, `set_cross_attention`; unmeasured).
 """
 import json
 import os
@@ -39,6 +40,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qdiff.io import save_safetensors_atomic
+from qdiff.kernels.cross_attention import cross_attention
 from qdiff.kernels.short_attention import short_attention
 from qdiff.layers.quant_linear import QuantLinear
 from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate, quantize_residual
@@ -207,6 +209,11 @@ class MultiHeadCrossAttention(nn.Module):
     OpenSora; ``kv_linear`` [2C, C] runs on that packed sequence (rows [0, C) give k, [C, 2C) v).
     Attending with a key-padding mask per sample is the same computation as OpenSora's
     block-diagonal xformers mask.
+
+    ``core`` picks the attention between the linears (`set_cross_attention`): "sdpa" (default): `_attention` on
+    [B, h, N, d] views; "math": `_math_attention`; "triton": in the padded form, `qdiff.kernels.cross_attention`
+    straight on the [B, N, C] and [B, L, C] linear outputs (a Triton kernel on CUDA, its PyTorch reference on the
+    CPU; the packed form runs SDPA).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -217,7 +224,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.core = "sdpa"  # or "math" (`_math_attention`); see `set_attention`
+        self.core = "sdpa"  # or "math", "triton" (CROSS_ATTENTION_CORES); see `set_cross_attention`
 
     def forward(self, x: torch.Tensor | QuantizedInput, cond: torch.Tensor,
                 cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
@@ -229,14 +236,19 @@ class MultiHeadCrossAttention(nn.Module):
         (True = valid token) or None (all valid). kv_linear then also runs on the padding rows (as one packed
         sequence [1, B·L, C], so a per-token quantizer sees the same valid rows) and the mask hides them.
         """
-        q = rearrange(self.q_linear(x), "B N (h d) -> B h N d", h=self.num_heads)
+        q = self.q_linear(x)  # [B, N, C]
         if not isinstance(cond_lens, (list, tuple)):  # padded text with a key mask (or none)
             batch, length, channels = cond.shape
             kv = self.kv_linear(cond.reshape(1, batch * length, channels)).reshape(batch, length, 2 * channels)
+            if self.core == "triton":
+                k, v = kv.chunk(2, dim=-1)  # [B, L, C] views
+                return self.proj(cross_attention(q, k, v, cond_lens, self.num_heads))
+            q = rearrange(q, "B N (h d) -> B h N d", h=self.num_heads)
             k, v = rearrange(kv, "B L (two h d) -> two B h L d", two=2, h=self.num_heads).unbind(0)
             key_mask = None if cond_lens is None else cond_lens[:, None, None, :]  # [B, 1, 1, L]
             out = (_math_attention if self.core == "math" else _attention)(q, k, v, key_mask)  # [B, h, N, d]
             return self.proj(rearrange(out, "B h N d -> B N (h d)"))
+        q = rearrange(q, "B N (h d) -> B h N d", h=self.num_heads)
         kv = rearrange(self.kv_linear(cond)[0], "L (two h d) -> two L h d", two=2, h=self.num_heads)
         # unpack the text of each sample: [ΣL_b, h, d] -> [B, L_max, h, d] (zero padded)
         k = nn.utils.rnn.pad_sequence(kv[0].split(cond_lens), batch_first=True)
@@ -710,6 +722,23 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
     return model
 
 
+CROSS_ATTENTION_CORES = ("sdpa", "math", "triton")  # MultiHeadCrossAttention.core
+
+
+def set_cross_attention(model: STDiT, core: str = "sdpa") -> STDiT:
+    """Set the ``core`` of every block's cross-attention (`MultiHeadCrossAttention`). Returns the model.
+
+    "sdpa" is the default, "math" matmul-softmax-matmul, "triton" the kernel of `qdiff.kernels.cross_attention` (on
+    CUDA; its reference on the CPU) in the padded-text form (``static_block_inputs``, as compiled blocks run); the
+    packed form keeps SDPA. As with `set_temporal_attention`, compile after setting it.
+    """
+    if core not in CROSS_ATTENTION_CORES:
+        raise ValueError(f"cross_attention: expected one of {list(CROSS_ATTENTION_CORES)}, got {core!r}")
+    for block in model.blocks:
+        block.cross_attn.core = core
+    return model
+
+
 def set_attention(model: STDiT, core: str = "sdpa") -> STDiT:
     """Set the ``core`` of every attention of every block (spatial, temporal and cross): "sdpa" (the default) or
     "math" (`_math_attention`: two matmuls and a float32 softmax). Returns the model.
@@ -751,9 +780,9 @@ def merge_qkv(model: nn.Module) -> dict[str, str]:
     return skipped
 
 
-def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math", mode: str | None = None,
-                   fullgraph: bool = True, backend: str = "inductor", exact: bool = False,
-                   int_act_quant: str = "torch") -> STDiT:
+def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math",
+                   cross_attention: str = "sdpa", mode: str | None = None, fullgraph: bool = True,
+                   backend: str = "inductor", exact: bool = False, int_act_quant: str = "torch") -> STDiT:
     """Compile each STDiT block for inference with torch.compile (in place; returns the model).
 
     Each block is compiled with ``dynamic=False`` (and ``fullgraph`` by default: a graph break raises). The model
@@ -761,10 +790,12 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     table after the first block, and a zero deferred MLP residual add for the first block), so the 28 blocks of XL/2
     share one compiled graph and no prompt length recompiles; the temporal attention runs as ``temporal_attention``
     (`set_temporal_attention`): "math" (the default) matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton
-    kernel as one opaque custom op); spatial and cross attention stay SDPA. Works for float (bf16/fp16/fp32),
+    kernel as one opaque custom op); the cross-attention as ``cross_attention`` (`set_cross_attention`): "sdpa"
+    (the default), "math" or "triton" (the kernel of `qdiff.kernels.cross_attention`, one custom op); spatial
+    attention stays SDPA. Works for float (bf16/fp16/fp32),
     fake-quant (QuantLinear) and integer (IntLinear) models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
     first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches (temporal
-    attention back to SDPA).
+    and cross attention back to SDPA).
 
     The compiled path computes the same function; it is not bit-identical in half precision (the compiler keeps
     some intermediates in float32 that eager rounds; ``exact=True`` asks it to round as eager does).
@@ -773,7 +804,10 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
 
     if temporal_attention not in TEMPORAL_ATTENTION:
         raise ValueError(f"temporal_attention: expected one of {list(TEMPORAL_ATTENTION)}, got {temporal_attention!r}")
+    if cross_attention not in CROSS_ATTENTION_CORES:
+        raise ValueError(f"cross_attention: expected one of {list(CROSS_ATTENTION_CORES)}, got {cross_attention!r}")
     set_temporal_attention(model, temporal_attention if enabled else "sdpa")
+    set_cross_attention(model, cross_attention if enabled else "sdpa")
     model.static_block_inputs = enabled
     return compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
                          backend=backend, exact=exact, int_act_quant=int_act_quant)
