@@ -19,6 +19,10 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            q, k, v as strided slices of one [B', N, 3C] tensor, (N, d) = (16, 72), (5, 64), (32, 16); every
            (problems, warps) config of its CONFIGS in bf16; output vs the float32 reference (max error ≤ 1e-5 of
            the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
+  attn_cross_*  the cross-attention kernel (`qdiff.kernels.cross_attention`) at XL/2's shape: B = 2, N = 16384
+           video tokens, 16 heads of 72, L = 120 text tokens with a key mask (120 and 37 valid), q a view of
+           [B, N, 3C], k and v the halves of [B, L, 2C]; and a ragged unmasked one (N = 1000, L = 12); bf16 with
+           every (BLOCK_M, warps) config of its CONFIGS, fp32 with the default; bounds as attn_short_*
   fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
            LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, exact and fast division, the two
            tiles and the whole rows read as a piece and a tail (FP8_TILES);
@@ -61,6 +65,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_TILES = {"whole": (2, 8192, 8), "chunked": (16, 256, 4)}  # (ROWS, BLOCK_K, warps): both in AUTOTUNE_CONFIGS
 GEMM_TILE = (128, 128, 64, 5, 4)  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): W4 K=1152 has EVEN_K false with 128
 ACT_SHAPES = ((300, 1152), (77, 4608), (5, 1168))
+CROSS_SHAPES = ((2, 16384, 120, 16, 72, (120, 37)), (3, 1000, 12, 2, 72, None))  # (B, N, L, heads, d, valid keys)
 GEMM_SHAPES = ((300, 1152, 1152), (77, 2304, 1152), (129, 1152, 4608), (33, 40, 72))
 # the FP8 kernel's whole rows read as a power-of-two piece and a tail (K = 1152 and 1168 with 1024 lanes, K = 4608
 # with 4096), both in its FP8_AUTOTUNE_CONFIGS
@@ -71,6 +76,7 @@ if INTERPRET:  # the interpreter runs numpy per program: small problems, small t
     GEMM_TILE = (32, 32, 32, 1, 4)
     ACT_SHAPES = ((38, 160), (5, 200))
     GEMM_SHAPES = ((37, 48, 96), (19, 40, 66))
+    CROSS_SHAPES = ((2, 300, 120, 2, 72, (120, 37)), (3, 100, 12, 2, 72, None))
 
 # (name, producer, smooth, static, symmetric, r_out, frames, dtypes): what the configs reach
 ACT_VARIANTS = (
@@ -158,6 +164,11 @@ def variants() -> list[tuple]:
     for dtype in ("bfloat16", "float16", "float32"):
         for config in ATTENTION_CONFIGS if dtype == "bfloat16" else (DEFAULT_ATTENTION_CONFIG,):
             out.append((f"attn_short_{dtype}_{config[0]}x{config[1]}", "attn", dict(dtype=dtype, config=config)))
+    from qdiff.kernels.cross_attention import CONFIGS as CROSS_CONFIGS, DEFAULT_CONFIG as DEFAULT_CROSS_CONFIG
+
+    for dtype in ("bfloat16", "float32"):
+        for config in CROSS_CONFIGS if dtype == "bfloat16" else (DEFAULT_CROSS_CONFIG,):
+            out.append((f"attn_cross_{dtype}_{config[0]}x{config[1]}", "cross", dict(dtype=dtype, config=config)))
     for name, _, a_zero, w_zero, bias, r_out, dtype in GEMM_VARIANTS:
         for w4 in (False, True):
             out.append((f"gemm_{'w4' if w4 else 'w8'}_{name}", "gemm",
@@ -358,6 +369,30 @@ def check_attn(params: dict) -> str:
     return "max error / max |out|: " + ", ".join(lines)
 
 
+def check_cross(params: dict) -> str:
+    from qdiff.kernels.cross_attention import cross_attention_reference, cross_attention_triton
+
+    device, dtype = _device(), getattr(torch, params["dtype"])
+    gen = torch.Generator().manual_seed(5)
+    bound = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # of the max |output|
+    lines = []
+    for batch, queries, keys, heads, head_dim, valid in CROSS_SHAPES:
+        channels = heads * head_dim
+        qkv = (torch.randn(batch, queries, 3 * channels, generator=gen) * 1.5).to(dtype)
+        kv = (torch.randn(batch, keys, 2 * channels, generator=gen) * 1.5).to(dtype)
+        mask = None if valid is None else torch.arange(keys)[None] < torch.tensor(valid)[:, None]
+        q, (k, v) = qkv[..., :channels], kv.chunk(2, dim=-1)
+        reference = cross_attention_reference(q, k, v, mask, heads).float()  # float32 math on the CPU
+        qkv, kv = qkv.to(device), kv.to(device)
+        out = cross_attention_triton(qkv[..., :channels], *kv.chunk(2, dim=-1),
+                                     None if mask is None else mask.to(device), heads, config=params["config"])
+        assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
+        error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
+        assert error <= bound, f"N={queries} L={keys}: max error {error:.2e} of max |out| (bound {bound})"
+        lines.append(f"N={queries} L={keys}{'' if mask is None else ' masked'}: {error:.1e}")
+    return "max error / max |out|: " + ", ".join(lines)
+
+
 def check_gemm(params: dict, tuned: bool = False) -> str:
     from qdiff.kernels.int_gemm import int_gemm_reference, int_gemm_triton
     from qdiff.lowbit.pack import pack_int4
@@ -510,7 +545,7 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
             return name, "SKIP", "autotuning needs a GPU", 0.0
     try:
         detail = {"act": check_act, "proj": check_proj, "gemm": check_gemm, "model": check_model,
-                  "compiled": check_compiled, "attn": check_attn, "fp8": check_fp8,
+                  "compiled": check_compiled, "attn": check_attn, "cross": check_cross, "fp8": check_fp8,
                   "tuned_act": lambda p: check_act(p, tuned=True), "tuned_proj": lambda p: check_proj(p, tuned=True),
                   "tuned_gemm": lambda p: check_gemm(p, tuned=True),
                   "tuned_fp8": lambda p: check_fp8(p, tuned=True)}[kind](params)

@@ -3,9 +3,9 @@
 Importing this module imports triton; `triton.jit` decides at import whether the kernel runs compiled or under the
 CPU interpreter (TRITON_INTERPRET=1), recorded in INTERPRETED.
 
-Grid (B·HEADS, ⌈N/BLOCK_M⌉): program (b·HEADS + h, i) loads head h's K and V of sample b once, as [BLOCK_L, BLOCK_D]
-tiles (L ≤ 128 keys padded to a power of two, head_dim likewise: XL/2's 120 x 72 -> 128 x 128, the pad zero), then
-the query rows [i·BLOCK_M, (i+1)·BLOCK_M) of that head. Consecutive programs take consecutive heads of the same
+Grid (B·HEADS, ⌈N/BLOCK_M⌉): program (b·HEADS + h, i) loads head h's K and V of sample b once, as tiles [BLOCK_L,
+BLOCK_D] (L ≤ 128 keys padded to a power of two, head_dim likewise: XL/2's 120 x 72 -> 128 x 128, the pad zero),
+then the query rows [i·BLOCK_M, (i+1)·BLOCK_M) of that head. Consecutive programs take consecutive heads of the same
 query rows, i.e. adjacent memory of q and out; K and V (0.55 MB per sample at XL/2 in bf16) are re-read from L2 by
 every program, so a larger BLOCK_M reads them fewer times. No online softmax: all keys are in one tile.
 """
@@ -24,7 +24,7 @@ def cross_attention_kernel(
     KEYS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """o[b, rows, h·d:(h+1)·d] = softmax(q_h·k_hᵀ·scale, masked keys excluded)·v_h for one (b, h) and BLOCK_M rows.
+    """o[b, rows, h·d:(h+1)·d] = softmax(q_h·k_hᵀ·scale, masked keys excluded)·v_h for one (b, h), BLOCK_M rows.
 
     q [B, queries, HEADS·HEAD_DIM], k, v [B, KEYS, HEADS·HEAD_DIM], o like q, all with channel stride 1; mask_ptr
     [B, KEYS] uint8 (nonzero = attend, contiguous) when HAS_MASK. qk_scale = log2(e)/√HEAD_DIM (the softmax runs on

@@ -1,0 +1,145 @@
+"""The cross-attention of one STDiT-XL/2 block at 16x512x512 (CFG batch 2) alone: from the q linear's output
+[B = 2, N = 16·32·32 = 16384, C = 1152] and the two halves k, v [B, L = 120, C] of kv_linear's [B, L, 2C] output,
+with a key mask (another number of valid text tokens per sample), to the [B, N, C] input of `proj` (16 heads of 72,
+bf16). Each variant is timed as device time (one CUDA graph per variant, `triton.testing.do_bench_cudagraph`: no
+host overhead) and as CUDA events around eager calls (host overhead included), with the bandwidth that the minimal
+traffic implies (read q once, write the output once, k and v once: ≈ 2·B·N·C·2 bytes ≈ 151 MB, ~0.05 ms on an
+H100).
+
+    python bench/bench_cross_attention.py --out logs/bench/cross_attention.md            # + cross_attention.json
+    python bench/bench_cross_attention.py --configs --out logs/bench/cross_attention.md  # every kernel config too
+
+Variants (each in its own try/except; its max |error| vs the float32 reference is reported):
+  sdpa                 `t2v.models.stdit._attention` (SDPA, torch's choice of backend: cuDNN on an H100) on
+                       [B, h, rows, d] views with the [B, 1, 1, L] mask, the output back to [B, N, C] (as
+                       `MultiHeadCrossAttention.core = "sdpa"` runs it)
+  sdpa cudnn / efficient / math   the same with one SDPA backend forced (flash takes no mask)
+  triton (M, W)        `qdiff.kernels.cross_attention.cross_attention_triton` with BLOCK_M = M and W warps; the
+                       default config, and with --configs every one of its `CONFIGS`
+Needs a CUDA GPU and triton (--help works anywhere). Results are facts of one run on one machine: compare rows of
+one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import cuda_time, environment  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def variants(heads: int, all_configs: bool) -> list[tuple[str, object]]:
+    """(label, fn(q, k, v, key_mask) -> [B, N, C]) of every variant."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from qdiff.kernels.cross_attention import CONFIGS, DEFAULT_CONFIG, cross_attention_triton
+    from t2v.models.stdit import _attention
+
+    def sdpa(backend=None):
+        def run(q, k, v, key_mask):
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, h, rows, d]
+            mask = key_mask[:, None, None, :]
+            if backend is None:
+                return _attention(q, k, v, mask).transpose(1, 2).flatten(2)
+            with sdpa_kernel(backend):
+                return _attention(q, k, v, mask).transpose(1, 2).flatten(2)
+        return run
+
+    out = [("sdpa", sdpa())]
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        out.append((f"sdpa {name}", sdpa(backend)))
+    for config in (CONFIGS if all_configs else (DEFAULT_CONFIG,)):
+        label = f"triton {config}" + (" (default)" if config == DEFAULT_CONFIG else "")
+        out.append((label, lambda q, k, v, m, config=config: cross_attention_triton(q, k, v, m, heads, config=config)))
+    return out
+
+
+def markdown(results: dict) -> str:
+    shape = results["shape"]
+    lines = [f"# Cross-attention alone: q [{shape['batch']}, {shape['queries']}, {shape['heads']}x{shape['head_dim']}] "
+             f"against L = {shape['keys']} keys (valid {shape['valid']}), {shape['dtype']}, {shape['MB_moved']:.0f} MB "
+             f"moved at least — {results['device']}, torch {results['torch']}, triton {results.get('triton', '?')}, "
+             f"{results['date']}", "",
+             "| variant | device ms (CUDA graph) | GB/s | events ms (eager, host included) | max abs error vs fp32 |",
+             "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | error: {row['error']} | | | |")
+            continue
+        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['gbps']:.0f} | {row['events_ms']:.3f} | "
+                     f"{row['max_abs_error']:.1e} |")
+    lines += ["", "GB/s = minimal bytes (q read once, output written once, k and v read once) / device time. Same "
+              "run, same inputs for every row."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="markdown file to write (the JSON goes beside it, .json)")
+    p.add_argument("--batch", type=int, default=2, help="B (CFG batch)")
+    p.add_argument("--queries", type=int, default=16384,
+                   help="N, video tokens per sample (16·32·32 at 16x512x512)")
+    p.add_argument("--keys", type=int, default=120, help="L, padded text tokens (≤ 128)")
+    p.add_argument("--valid", type=int, nargs="+", default=[120, 37],
+                   help="valid text tokens per sample, cycled over the batch")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head_dim", type=int, default=72)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--configs", action="store_true", help="time every Triton config (CONFIGS), not only the default")
+    p.add_argument("--iters", type=int, default=50, help="CUDA-event timings per variant")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cross_attention times GPU kernels: no CUDA device here", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from qdiff.kernels.cross_attention import cross_attention_reference
+
+    dtype = DTYPES[args.dtype]
+    channels = args.heads * args.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(args.batch, args.queries, channels, device="cuda", generator=gen).to(dtype)
+    k, v = torch.randn(args.batch, args.keys, 2 * channels, device="cuda", generator=gen).to(dtype).chunk(2, dim=-1)
+    valid = torch.tensor([args.valid[b % len(args.valid)] for b in range(args.batch)], device="cuda")
+    key_mask = torch.arange(args.keys, device="cuda")[None] < valid[:, None]
+    reference = cross_attention_reference(q, k, v, key_mask, args.heads).float()
+    bytes_moved = (2 * q.numel() + 2 * k.numel()) * q.element_size()
+    results = {**environment(), "shape": {"batch": args.batch, "queries": args.queries, "keys": args.keys,
+                                          "valid": valid.tolist(), "heads": args.heads, "head_dim": args.head_dim,
+                                          "dtype": args.dtype, "MB_moved": bytes_moved / 1e6}, "rows": []}
+    for label, fn in variants(args.heads, args.configs):
+        row = {"variant": label}
+        try:
+            with torch.no_grad():
+                out = fn(q, k, v, key_mask)  # JIT-builds outside the timed region and the graph capture
+                torch.cuda.synchronize()
+                row["max_abs_error"] = float((out.float() - reference).abs().max())
+                del out
+                row["ms"] = float(triton.testing.do_bench_cudagraph(lambda: fn(q, k, v, key_mask), rep=200))
+                row["events_ms"] = cuda_time(lambda: fn(q, k, v, key_mask), args.iters, 5)
+            row["gbps"] = bytes_moved / row["ms"] / 1e6
+            print(f"{label}: {row['ms']:.3f} ms ({row['gbps']:.0f} GB/s), events {row['events_ms']:.3f} ms, "
+                  f"max abs error {row['max_abs_error']:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the rest
+            row["error"] = repr(exc)[:300]
+            print(f"{label}: FAILED {exc!r}", flush=True)
+        results["rows"].append(row)
+        torch.cuda.empty_cache()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(markdown(results))
+    out_path.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print(markdown(results))
+    return 0 if all("error" not in row for row in results["rows"] if not row["variant"].startswith("sdpa ")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
