@@ -493,7 +493,8 @@ class STDiT(nn.Module):
         self.grad_checkpointing = False
         # fixed-shape block inputs for compiled blocks (set by compile_blocks): the text padded with a key mask instead
         # of packed, a temporal table for every block (zeros after the first: x + 0 is x) and, with deferred MLP
-        # residual adds, a zero one for the first block, so one compiled graph serves every block and every prompt length
+        # residual adds, a zero one for the first block, so one compiled graph serves every block and every prompt
+        # length
         self.static_block_inputs = False
         # inference (autograd off) hands each block's MLP residual add to the next block (STDiTBlock's `pending`),
         # where it runs inside the next block's norm1 quantization when its q/k/v are fused low-bit layers, and
@@ -781,7 +782,7 @@ def merge_qkv(model: nn.Module) -> dict[str, str]:
 
 
 def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math",
-                   cross_attention: str = "sdpa", mode: str | None = None, fullgraph: bool = True,
+                   cross_attention: str | None = None, mode: str | None = None, fullgraph: bool = True,
                    backend: str = "inductor", exact: bool = False, int_act_quant: str = "torch") -> STDiT:
     """Compile each STDiT block for inference with torch.compile (in place; returns the model).
 
@@ -790,12 +791,12 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     table after the first block, and a zero deferred MLP residual add for the first block), so the 28 blocks of XL/2
     share one compiled graph and no prompt length recompiles; the temporal attention runs as ``temporal_attention``
     (`set_temporal_attention`): "math" (the default) matmul-softmax-matmul, "sdpa", or "short_triton" (the Triton
-    kernel as one opaque custom op); the cross-attention as ``cross_attention`` (`set_cross_attention`): "sdpa"
-    (the default), "math" or "triton" (the kernel of `qdiff.kernels.cross_attention`, one custom op); spatial
-    attention stays SDPA. Works for float (bf16/fp16/fp32),
-    fake-quant (QuantLinear) and integer (IntLinear) models: see `qdiff.api.compile_model` for mode, backend, exact and int_act_quant. Compilation happens at the
-    first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager blocks and switches (temporal
-    and cross attention back to SDPA).
+    kernel as one opaque custom op); the cross-attention as ``cross_attention`` when given (`set_cross_attention`:
+    "sdpa", "math" or "triton", the kernel of `qdiff.kernels.cross_attention` as one custom op; None leaves the
+    model's setting, SDPA by default); spatial attention stays SDPA. Works for float (bf16/fp16/fp32), fake-quant
+    (QuantLinear) and integer (IntLinear) models: see `qdiff.api.compile_model` for mode, backend, exact and
+    int_act_quant. Compilation happens at the first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores
+    the eager blocks and switches the temporal and cross attention back to SDPA.
 
     The compiled path computes the same function; it is not bit-identical in half precision (the compiler keeps
     some intermediates in float32 that eager rounds; ``exact=True`` asks it to round as eager does).
@@ -804,10 +805,9 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
 
     if temporal_attention not in TEMPORAL_ATTENTION:
         raise ValueError(f"temporal_attention: expected one of {list(TEMPORAL_ATTENTION)}, got {temporal_attention!r}")
-    if cross_attention not in CROSS_ATTENTION_CORES:
-        raise ValueError(f"cross_attention: expected one of {list(CROSS_ATTENTION_CORES)}, got {cross_attention!r}")
+    if cross_attention is not None or not enabled:
+        set_cross_attention(model, cross_attention if enabled else "sdpa")  # validates the name
     set_temporal_attention(model, temporal_attention if enabled else "sdpa")
-    set_cross_attention(model, cross_attention if enabled else "sdpa")
     model.static_block_inputs = enabled
     return compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
                          backend=backend, exact=exact, int_act_quant=int_act_quant)
