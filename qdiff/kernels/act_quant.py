@@ -22,6 +22,7 @@ residual carries a per-frame table (the reference: the eager `x + gate * y`, the
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import NamedTuple
 
@@ -183,13 +184,30 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_module():
-    """The kernel module, imported on first use; refuses a module built for the other Triton mode."""
-    from qdiff.kernels import triton_act_quant
-
-    if triton_act_quant.INTERPRETED != interpret_mode():
+def load_triton_kernels(name: str):
+    """The Triton kernel module `qdiff.kernels.<name>`, imported on first use; refuses one built for the other
+    Triton mode (its INTERPRETED flag against TRITON_INTERPRET now)."""
+    module = importlib.import_module(f"qdiff.kernels.{name}")
+    if module.INTERPRETED != interpret_mode():
         raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
-    return triton_act_quant
+    return module
+
+
+def triton_usable(name: str, device: torch.device | str, interpreted: bool = True) -> bool:
+    """True when the kernels of `qdiff.kernels.<name>` can run on tensors of `device`: CUDA with an importable
+    Triton, or (`interpreted`) any device under TRITON_INTERPRET=1."""
+    device = torch.device(device)
+    if not (interpreted and interpret_mode()) and (device.type != "cuda" or not torch.cuda.is_available()):
+        return False
+    try:
+        load_triton_kernels(name)
+    except Exception:  # no triton, or one that cannot build here
+        return False
+    return True
+
+
+def _triton_module():
+    return load_triton_kernels("triton_act_quant")
 
 
 def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, caller: str) -> tuple:
@@ -376,13 +394,7 @@ def project_codes(act: ActCodes, post_a: torch.Tensor, frame_factor: torch.Tenso
 
 def triton_available(device: torch.device | str = "cuda") -> bool:
     """True when the Triton kernels can run on `device` (CUDA with an importable Triton)."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        _triton_module()
-    except Exception:  # no triton, or one that cannot build here
-        return False
-    return True
+    return triton_usable("triton_act_quant", device, interpreted=False)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, smooth_scale=None, static=None,

@@ -25,7 +25,7 @@ import math
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.act_quant import interpret_mode
+from qdiff.kernels.act_quant import interpret_mode, load_triton_kernels, triton_usable
 
 MAX_KEYS = 128  # longest text the kernel takes (one program holds all of a head's keys)
 MAX_HEAD_DIM = 128
@@ -102,25 +102,13 @@ def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 
 
 def _triton_module():
-    """The kernel module, imported on first use; refuses a module built for the other Triton mode."""
-    from qdiff.kernels import triton_cross_attention
-
-    if triton_cross_attention.INTERPRETED != interpret_mode():
-        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
-    return triton_cross_attention
+    return load_triton_kernels("triton_cross_attention")
 
 
 def triton_available(device: torch.device | str) -> bool:
     """True when the kernel can run on tensors of `device`: CUDA with an importable Triton, or any device under
     TRITON_INTERPRET=1."""
-    device = torch.device(device)
-    if not interpret_mode() and (device.type != "cuda" or not torch.cuda.is_available()):
-        return False
-    try:
-        _triton_module()
-    except Exception:  # no triton, or one that cannot build here
-        return False
-    return True
+    return triton_usable("triton_cross_attention", device)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, num_heads: int,

@@ -43,7 +43,8 @@ from __future__ import annotations
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.act_quant import interpret_mode, kernel_inputs, residual_inputs, smooth_input, triton_available
+from qdiff.kernels.act_quant import (interpret_mode, kernel_inputs, load_triton_kernels, residual_inputs, smooth_input,
+                                     triton_available)
 from qdiff.kernels.fused_producers import NONE, GeluTanh, LayerNormModulate, Residual, producer_args
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -186,12 +187,7 @@ def quantize_fp8_residual(x: torch.Tensor, residual: Residual, smooth_scale: tor
 
 
 def _triton_module():
-    """The FP8 kernel module, imported on first use; refuses a module built for the other Triton mode."""
-    from qdiff.kernels import triton_fp8_act_quant
-
-    if triton_fp8_act_quant.INTERPRETED != interpret_mode():
-        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
-    return triton_fp8_act_quant
+    return load_triton_kernels("triton_fp8_act_quant")
 
 
 def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

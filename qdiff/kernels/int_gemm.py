@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.act_quant import interpret_mode, triton_available
+from qdiff.kernels.act_quant import interpret_mode, load_triton_kernels, triton_available
 
 MAX_K = 33_000  # 255² · K must stay below 2^31 for the int32 accumulator
 
@@ -64,12 +64,7 @@ def int_gemm_reference(
 
 # ------------------------------------------------------------------------------------------ Triton
 def _triton_module():
-    """The kernel module, imported on first use; refuses a module built for the other Triton mode."""
-    from qdiff.kernels import triton_int_gemm
-
-    if triton_int_gemm.INTERPRETED != interpret_mode():
-        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
-    return triton_int_gemm
+    return load_triton_kernels("triton_int_gemm")
 
 
 def int_gemm_triton(

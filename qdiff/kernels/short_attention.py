@@ -28,7 +28,7 @@ import math
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.act_quant import interpret_mode
+from qdiff.kernels.act_quant import interpret_mode, load_triton_kernels, triton_usable
 
 MAX_SEQ = 32  # longest sequence the kernel takes (its tiles hold the whole problem)
 # (problems per program, num_warps) of the kernel: the default, and the candidates bench/bench_short_attention.py
@@ -97,25 +97,13 @@ def short_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
 
 
 def _triton_module():
-    """The kernel module, imported on first use; refuses a module built for the other Triton mode."""
-    from qdiff.kernels import triton_short_attention
-
-    if triton_short_attention.INTERPRETED != interpret_mode():
-        raise RuntimeError("TRITON_INTERPRET changed after the Triton kernels were built; set it before first use")
-    return triton_short_attention
+    return load_triton_kernels("triton_short_attention")
 
 
 def triton_available(device: torch.device | str) -> bool:
     """True when the kernel can run on tensors of `device`: CUDA with an importable Triton, or any device under
     TRITON_INTERPRET=1."""
-    device = torch.device(device)
-    if not interpret_mode() and (device.type != "cuda" or not torch.cuda.is_available()):
-        return False
-    try:
-        _triton_module()
-    except Exception:  # no triton, or one that cannot build here
-        return False
-    return True
+    return triton_usable("triton_short_attention", device)
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
