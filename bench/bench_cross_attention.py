@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import cuda_time, environment  # noqa: E402
+from bench.common import attention_table, cuda_time, environment  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,14 +68,7 @@ def markdown(results: dict) -> str:
              f"against L = {shape['keys']} keys (valid {shape['valid']}), {shape['dtype']}, {shape['MB_moved']:.0f} MB "
              f"moved at least — {results['device']}, torch {results['torch']}, triton {results.get('triton', '?')}, "
              f"{results['date']}", "",
-             "| variant | device ms (CUDA graph) | GB/s | events ms (eager, host included) | max abs error vs fp32 |",
-             "|---|---|---|---|---|"]
-    for row in results["rows"]:
-        if "error" in row:
-            lines.append(f"| {row['variant']} | error: {row['error']} | | | |")
-            continue
-        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['gbps']:.0f} | {row['events_ms']:.3f} | "
-                     f"{row['max_abs_error']:.1e} |")
+             *attention_table(results["rows"])]
     lines += ["", "GB/s = minimal bytes (q read once, output written once, k and v read once) / device time. Same "
               "run, same inputs for every row."]
     return "\n".join(lines) + "\n"

@@ -111,3 +111,18 @@ class StepLog:
         self.save()
         print((self.out_dir / f"{self.stem}.md").read_text())
         return 0 if not self.run_errors else 1
+
+
+def attention_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of an attention benchmark's variants: device ms (CUDA graph), GB/s, eager event ms and the
+    error against float32, or the error message of a variant that failed (bench_short_attention,
+    bench_cross_attention)."""
+    lines = ["| variant | device ms (CUDA graph) | GB/s | events ms (eager, host included) | max abs error vs fp32 |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | error: {row['error']} | | | |")
+            continue
+        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['gbps']:.0f} | {row['events_ms']:.3f} | "
+                     f"{row['max_abs_error']:.1e} |")
+    return lines
