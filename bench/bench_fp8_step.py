@@ -23,6 +23,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast, MLP residual apart  with --fast --mlp_residual_apart: the fast rows with each block's MLP residual
                                 add in its own block (STDiT.defer_mlp_residual off: an op of its own, not in the next
                                 block's norm1 quantization)
+  <model>, fast, Triton cross-attention  with --fast --triton_cross: the fast rows with the cross-attention on
+                                the Triton kernel (compile_blocks(cross_attention="triton"), qdiff.kernels.cross_attention)
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
                                 use_fast_accum (Hopper's FP8 accumulation without periodic promotion)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
@@ -86,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp_residual_apart", action="store_true",
                    help="with --fast: also the fast rows with each block's MLP residual add in its own block "
                         "(STDiT.defer_mlp_residual off), side by side")
+    p.add_argument("--triton_cross", action="store_true",
+                   help="with --fast: also time the fast rows with the Triton cross-attention kernel")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--fast_accum_rows", action="store_true",
                    help="with --fast: also the fast rows with torch._scaled_mm's use_fast_accum, side by side")
@@ -318,6 +322,11 @@ def main(argv=None) -> int:
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
         numerics.update({f"fast: {key}": value for key, value in fast.items()})
+        if args.triton_cross:
+            cross = {}
+            run_variants(f"{name} fast, Triton cross-attention", model, reference, cross,
+                         temporal_attention="short_triton", int_act_quant="fused", cross_attention="triton")
+            numerics.update({f"Triton cross-attention: {key}": value for key, value in cross.items()})
         layers = [layer for _, layer in fp8_layers(model)]
         if args.fast_accum_rows and layers:
             accumulate = {}

@@ -21,8 +21,11 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
   attn_cross_*  the cross-attention kernel (`qdiff.kernels.cross_attention`) at XL/2's shape: B = 2, N = 16384
            video tokens, 16 heads of 72, L = 120 text tokens with a key mask (120 and 37 valid), q a view of
-           [B, N, 3C], k and v the halves of [B, L, 2C]; and a ragged unmasked one (N = 1000, L = 12); bf16 with
-           every (BLOCK_M, warps) config of its CONFIGS, fp32 with the default; bounds as attn_short_*
+           [B, N, 3C], k and v the halves of [B, L, 2C]; and a ragged unmasked one (N = 1000, L = 12); both kernels
+           ("rows", "heads"), bf16 with every (BLOCK_M, warps) config of their CONFIGS, fp32 with the default;
+           bounds as attn_short_*. attn_cross_fp8_*: the rows kernel with the e4m3 quantization fused
+           (`cross_attention_fp8_triton`, exact and fast division): codes and scales equal, bit for bit, the FP8
+           quantization kernel's on the rows kernel's output
   fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
            LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, exact and fast division, the two
            tiles and the whole rows read as a piece and a tail (FP8_TILES);
@@ -164,11 +167,16 @@ def variants() -> list[tuple]:
     for dtype in ("bfloat16", "float16", "float32"):
         for config in ATTENTION_CONFIGS if dtype == "bfloat16" else (DEFAULT_ATTENTION_CONFIG,):
             out.append((f"attn_short_{dtype}_{config[0]}x{config[1]}", "attn", dict(dtype=dtype, config=config)))
-    from qdiff.kernels.cross_attention import CONFIGS as CROSS_CONFIGS, DEFAULT_CONFIG as DEFAULT_CROSS_CONFIG
+    from qdiff.kernels.cross_attention import CONFIGS as CROSS_CONFIGS, DEFAULT_CONFIGS as DEFAULT_CROSS_CONFIGS
 
-    for dtype in ("bfloat16", "float32"):
-        for config in CROSS_CONFIGS if dtype == "bfloat16" else (DEFAULT_CROSS_CONFIG,):
-            out.append((f"attn_cross_{dtype}_{config[0]}x{config[1]}", "cross", dict(dtype=dtype, config=config)))
+    for kernel, configs in CROSS_CONFIGS.items():
+        for dtype in ("bfloat16", "float32"):
+            for config in configs if dtype == "bfloat16" else (DEFAULT_CROSS_CONFIGS[kernel],):
+                out.append((f"attn_cross_{kernel}_{dtype}_{config[0]}x{config[1]}", "cross",
+                            dict(dtype=dtype, config=config, kernel=kernel)))
+    for fast in (False, True):
+        for dtype in ("bfloat16", "float32"):
+            out.append((f"attn_cross_fp8_{dtype}{'_fast' if fast else ''}", "cross_fp8", dict(dtype=dtype, fast=fast)))
     for name, _, a_zero, w_zero, bias, r_out, dtype in GEMM_VARIANTS:
         for w4 in (False, True):
             out.append((f"gemm_{'w4' if w4 else 'w8'}_{name}", "gemm",
@@ -369,23 +377,51 @@ def check_attn(params: dict) -> str:
     return "max error / max |out|: " + ", ".join(lines)
 
 
-def check_cross(params: dict) -> str:
-    from qdiff.kernels.cross_attention import cross_attention_reference, cross_attention_triton
-
-    device, dtype = _device(), getattr(torch, params["dtype"])
-    gen = torch.Generator().manual_seed(5)
-    bound = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # of the max |output|
-    lines = []
+def _cross_inputs(dtype, gen, device):
+    """Per CROSS_SHAPES entry: ((q, k, v, mask) on the CPU, the same on `device`, heads); q a view of [B, N, 3C], k
+    and v the halves of [B, L, 2C]."""
     for batch, queries, keys, heads, head_dim, valid in CROSS_SHAPES:
         channels = heads * head_dim
         qkv = (torch.randn(batch, queries, 3 * channels, generator=gen) * 1.5).to(dtype)
         kv = (torch.randn(batch, keys, 2 * channels, generator=gen) * 1.5).to(dtype)
         mask = None if valid is None else torch.arange(keys)[None] < torch.tensor(valid)[:, None]
-        q, (k, v) = qkv[..., :channels], kv.chunk(2, dim=-1)
+
+        def views(qkv, kv, mask):
+            return qkv[..., :channels], *kv.chunk(2, dim=-1), mask
+
+        yield views(qkv, kv, mask), views(qkv.to(device), kv.to(device), None if mask is None else mask.to(device)), \
+            heads
+
+
+def check_cross_fp8(params: dict) -> str:
+    from qdiff.kernels.cross_attention import cross_attention_fp8_triton, cross_attention_triton
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token
+
+    device, dtype, fast = _device(), getattr(torch, params["dtype"]), params["fast"]
+    lines = []
+    for (q, k, _, _), on_device, heads in _cross_inputs(dtype, torch.Generator().manual_seed(6), device):
+        args = (*on_device, heads)
+        codes, scale = cross_attention_fp8_triton(*args, fast=fast)
+        out = cross_attention_triton(*args, kernel="rows")
+        expected_codes, expected_scale = quantize_fp8_per_token(out.reshape(-1, out.shape[-1]), backend="triton",
+                                                                fast=fast)
+        assert torch.equal(scale, expected_scale), "scales differ"
+        moved = int((codes.view(torch.uint8) != expected_codes.view(torch.uint8)).sum())
+        assert moved == 0, f"{moved} codes differ from quantizing the rows kernel's output"
+        lines.append(f"N={q.shape[1]} L={k.shape[1]}: {codes.numel()} codes equal")
+    return ", ".join(lines)
+
+
+def check_cross(params: dict) -> str:
+    from qdiff.kernels.cross_attention import cross_attention_reference, cross_attention_triton
+
+    device, dtype = _device(), getattr(torch, params["dtype"])
+    bound = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # of the max |output|
+    lines = []
+    for (q, k, v, mask), on_device, heads in _cross_inputs(dtype, torch.Generator().manual_seed(5), device):
+        queries, keys = q.shape[1], k.shape[1]
         reference = cross_attention_reference(q, k, v, mask, heads).float()  # float32 math on the CPU
-        qkv, kv = qkv.to(device), kv.to(device)
-        out = cross_attention_triton(qkv[..., :channels], *kv.chunk(2, dim=-1),
-                                     None if mask is None else mask.to(device), heads, config=params["config"])
+        out = cross_attention_triton(*on_device, heads, config=params["config"], kernel=params["kernel"])
         assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
         error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
         assert error <= bound, f"N={queries} L={keys}: max error {error:.2e} of max |out| (bound {bound})"
@@ -545,7 +581,7 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
             return name, "SKIP", "autotuning needs a GPU", 0.0
     try:
         detail = {"act": check_act, "proj": check_proj, "gemm": check_gemm, "model": check_model,
-                  "compiled": check_compiled, "attn": check_attn, "cross": check_cross, "fp8": check_fp8,
+                  "compiled": check_compiled, "attn": check_attn, "cross": check_cross, "cross_fp8": check_cross_fp8, "fp8": check_fp8,
                   "tuned_act": lambda p: check_act(p, tuned=True), "tuned_proj": lambda p: check_proj(p, tuned=True),
                   "tuned_gemm": lambda p: check_gemm(p, tuned=True),
                   "tuned_fp8": lambda p: check_fp8(p, tuned=True)}[kind](params)

@@ -26,13 +26,19 @@ import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
 from qdiff.kernels.act_quant import interpret_mode, load_triton_kernels, triton_usable
+from qdiff.kernels.fp8_quant import FP8_DTYPE, quantize_fp8_per_token
 
 MAX_KEYS = 128  # longest text the kernel takes (one program holds all of a head's keys)
 MAX_HEAD_DIM = 128
-# (BLOCK_M, num_warps) of the kernel: the default (unmeasured), and the candidates that
-# bench/bench_cross_attention.py --configs times
-DEFAULT_CONFIG = (64, 4)
-CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
+KERNELS = ("rows", "heads")  # a program per query tile with all heads / per query tile and head
+DEFAULT_KERNEL = "rows"
+# (BLOCK_M, num_warps) of each kernel: the defaults, and the candidates that bench/bench_cross_attention.py
+# --configs times
+# --configs times; a "rows" launch without a config is autotuned over its CONFIGS (the interpreter takes the default)
+DEFAULT_CONFIGS = {"rows": (64, 4), "heads": (128, 4)}
+CONFIGS = {"rows": ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)),  # = triton_cross_attention.ROWS_AUTOTUNE_CONFIGS
+           "heads": ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))}
+QUANT_CHUNK = 256  # channels per piece when the rows kernel reads its rows back to quantize them
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -75,30 +81,79 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2).reshape(q.shape).to(q.dtype).contiguous()
 
 
-def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                           num_heads: int, config: tuple[int, int] | None = None) -> torch.Tensor:
-    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
-    config: (BLOCK_M, num_warps), default DEFAULT_CONFIG."""
+def head_pieces(head_dim: int) -> tuple[int, int]:
+    """(D_MAIN, D_TAIL) of the rows kernel: a head's channels as a power-of-two piece (≥ 16, `tl.dot`'s least
+    width) and, when that leaves channels over, a power-of-two tail piece (≥ 16, masked): 72 -> (64, 16),
+    128 -> (128, 0), 24 -> (16, 16), 8 -> (16, 0)."""
+    main = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - main
+    return main, (max(16, 1 << (rest - 1).bit_length()) if rest > 0 else 0)
+
+
+def _launch(q, k, v, key_mask, num_heads, config, kernel, fast=None):
+    """Run `kernel` ("rows" or "heads"); fast None: out [B, N, C], else (codes [B·N, C] e4m3, scale [B·N, 1])."""
     batch, queries, keys, head_dim = _check(q, k, v, key_mask, num_heads)
     tensors = (q, k, v) if key_mask is None else (q, k, v, key_mask)
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"cross_attention: inputs on different devices: {[str(t.device) for t in tensors]}")
+    if kernel not in KERNELS:
+        raise ValueError(f"cross_attention: kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if fast is not None and kernel != "rows":
+        raise ValueError("cross_attention: the e4m3 output needs the rows kernel (all heads of a row in one program)")
     import triton
 
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if batch == 0 or queries == 0:
-        return out
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # with fast given: the kernel's scratch
+    rows = batch * queries
+    codes = scale = None
+    if fast is not None:
+        codes = torch.empty(rows, q.shape[2], dtype=FP8_DTYPE, device=q.device)
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=q.device)
+    if rows == 0:
+        return out if fast is None else (codes, scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # a bool mask as bytes (the kernel tests != 0); without one the pointer is never read
     mask = out if key_mask is None else key_mask.contiguous().view(torch.uint8)
-    block_m, warps = config or DEFAULT_CONFIG
-    _triton_module().cross_attention_kernel[(batch * num_heads, triton.cdiv(queries, block_m))](
-        q, k, v, mask, out, queries, math.log2(math.e) / math.sqrt(head_dim), *q.stride()[:2], *k.stride()[:2],
-        *v.stride()[:2], *out.stride()[:2],
-        KEYS=keys, HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_L=max(16, triton.next_power_of_2(keys)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=key_mask is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
-    return out
+    common = dict(KEYS=keys, HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_L=max(16, triton.next_power_of_2(keys)),
+                  HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
+    qk_scale = math.log2(math.e) / math.sqrt(head_dim)
+    kernels = _triton_module()
+    if kernel == "heads":
+        block_m, warps = config or DEFAULT_CONFIGS[kernel]
+        kernels.cross_attention_kernel[(batch * num_heads, triton.cdiv(queries, block_m))](
+            q, k, v, mask, out, queries, qk_scale, *strides, BLOCK_M=block_m,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=warps, **common)
+        return out
+    main, tail = head_pieces(head_dim)
+    args = (q, k, v, mask, out, out if codes is None else codes, out if scale is None else scale, queries, qk_scale,
+            *strides)
+    common.update(D_MAIN=main, D_TAIL=tail, QUANT=fast is not None, FAST=bool(fast), CHUNK=QUANT_CHUNK)
+    if config is None and not interpret_mode():
+        kernels.cross_attention_rows_tuned[lambda meta: (batch, triton.cdiv(queries, meta["BLOCK_M"]))](*args, **common)
+    else:
+        block_m, warps = config or DEFAULT_CONFIGS[kernel]
+        kernels.cross_attention_rows_kernel[(batch, triton.cdiv(queries, block_m))](
+            *args, BLOCK_M=block_m, num_warps=warps, **common)
+    return out if fast is None else (codes, scale)
+
+
+def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                           num_heads: int, config: tuple[int, int] | None = None,
+                           kernel: str = DEFAULT_KERNEL) -> torch.Tensor:
+    """A Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
+    kernel: "rows" (a program per query tile, all heads) or "heads" (a program per query tile and head);
+    config: (BLOCK_M, num_warps), default DEFAULT_CONFIGS[kernel]."""
+    return _launch(q, k, v, key_mask, num_heads, config, kernel)
+
+
+def cross_attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                               num_heads: int, fast: bool = False,
+                               config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows kernel with the per-token e4m3 quantization of its output fused: (codes float8_e4m3fn [B·N, C],
+    scale float32 [B·N, 1]), those of `quantize_fp8_per_token(out.reshape(-1, C), fast=fast)` for the `out` of
+    `cross_attention_triton(..., kernel="rows")` (the same values, bit for bit). fast: the quantization's one
+    reciprocal per row instead of a division per element (`qdiff.kernels.fp8_quant`)."""
+    return _launch(q, k, v, key_mask, num_heads, config, "rows", fast=bool(fast))
 
 
 def _triton_module():
@@ -127,3 +182,29 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask:
         return _ops.cross_attention_op(q, k, v, key_mask, num_heads, backend)
     use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
     return (cross_attention_triton if use_triton else cross_attention_reference)(q, k, v, key_mask, num_heads)
+
+
+def cross_attention_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                                  num_heads: int, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition of the fused form: the reference output, quantized per token to e4m3 by the torch reference
+    (`quantize_fp8_per_token`; fast only matters to the kernel)."""
+    out = cross_attention_reference(q, k, v, key_mask, num_heads)
+    return quantize_fp8_per_token(out.reshape(-1, out.shape[-1]))
+
+
+def cross_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                        num_heads: int, fast: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_attention` with its output quantized per token to e4m3 for an FP8 linear (the attention's proj):
+    (codes float8_e4m3fn [B·N, C], scale float32 [B·N, 1]); the output itself never reaches memory as a tensor of
+    its own. Dispatch as `cross_attention` ('auto': `cross_attention_fp8_triton` on CUDA or under TRITON_INTERPRET=1,
+    `cross_attention_fp8_reference` elsewhere; one custom op under torch.compile). Inference only: the codes carry
+    no gradient."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    _check(q, k, v, key_mask, num_heads)
+    if torch.compiler.is_compiling():
+        return _ops.cross_attention_fp8_op(q, k, v, key_mask, num_heads, bool(fast), backend)
+    use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
+    if use_triton:
+        return cross_attention_fp8_triton(q, k, v, key_mask, num_heads, fast=fast)
+    return cross_attention_fp8_reference(q, k, v, key_mask, num_heads, fast)

@@ -34,11 +34,14 @@ shape function for tracing. Eager (uncompiled) calls never go through these ops:
     torch.ops.qdiff.cross_attention(q, k, v, key_mask, num_heads, backend) -> out like q, contiguous
         (`qdiff.kernels.cross_attention.cross_attention`: q [B, N, C], k, v [B, L ≤ 128, C], key_mask [B, L] bool
         or None -> per-head softmax(q·kᵀ/√d)·v over the unmasked keys)
+    torch.ops.qdiff.cross_attention_fp8(q, k, v, key_mask, num_heads, fast, backend) -> (codes, scale)
+        (`qdiff.kernels.cross_attention.cross_attention_fp8`: the cross-attention's output quantized per token to
+        e4m3, codes [B·N, C] float8_e4m3fn, scale [B·N, 1] float32)
 
 Written without `from __future__ import annotations`: the op schemas are inferred from these annotations
 (typing.Optional, as torch 2.11 expects).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -251,3 +254,19 @@ def cross_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
 @cross_attention_op.register_fake
 def _cross_attention_fake(q, k, v, key_mask, num_heads, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, N, C], contiguous
+
+
+@torch.library.custom_op("qdiff::cross_attention_fp8", mutates_args=())
+def cross_attention_fp8_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_heads: int, fast: bool,
+                           backend: str) -> Tuple[Tensor, Tensor]:
+    """`qdiff.kernels.cross_attention.cross_attention_fp8` (as cross_attention, the output as e4m3 codes + scales)."""
+    from qdiff.kernels.cross_attention import cross_attention_fp8
+
+    return cross_attention_fp8(q, k, v, key_mask, num_heads, fast=fast, backend=backend)
+
+
+@cross_attention_fp8_op.register_fake
+def _cross_attention_fp8_fake(q, k, v, key_mask, num_heads, fast, backend):
+    rows = q.shape[0] * q.shape[1]
+    return (torch.empty(rows, q.shape[2], dtype=torch.float8_e4m3fn, device=q.device),
+            torch.empty(rows, 1, dtype=torch.float32, device=q.device))

@@ -24,6 +24,12 @@ block's `x = x + gate * branch`), writes it as the new residual stream and quant
 With a per-frame table [T, K] (`table=`, the temporal attention's `temporal_pos_embed[0]`, frame-major tokens) the
 readers get u = s + table[frame] quantized instead, while the returned stream stays s (IntLinear and FP8Linear
 readers alike; the kernels add the table after writing s, rounded to x's dtype as the eager add).
+
+An attention kernel may quantize its own output for the proj that reads it (`fp8_output_reader`, `fp8_input`):
+
+    if fp8_output_reader(attn.proj):
+        codes, scale = cross_attention_fp8(q, k, v, mask, heads, fast=attn.proj.fast_act_quant())
+        y = attn.proj(fp8_input(attn.proj, codes, scale, q.shape, q.dtype))
 """
 from __future__ import annotations
 
@@ -178,3 +184,16 @@ def quantize_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | Non
     rows_per_frame = tokens // table.shape[0] if table is not None else 1
     residual = Residual(y.reshape(-1, width), gate, tokens, table, rows_per_frame)
     return quantize_for(x, producer, layers, residual)
+
+
+def fp8_output_reader(layer: nn.Module) -> bool:
+    """True when `layer` may take its input as per-token e4m3 codes made by the kernel that computes that input (an
+    attention kernel with the quantization fused into its output): an FP8Linear that takes fused inputs (`fusable`)
+    and divides by no smoothing scale (the attention kernels do not apply one)."""
+    return isinstance(layer, FP8Linear) and layer.smooth_scale is None and fusable(layer)
+
+
+def fp8_input(layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, shape, dtype: torch.dtype) -> QuantizedInput:
+    """The QuantizedInput of an activation of `shape` (..., K) and `dtype` that reaches `layer` (an
+    `fp8_output_reader`) as codes float8_e4m3fn [M, K] and scale float32 [M, 1] (M = prod(shape[:-1]))."""
+    return QuantizedInput(torch.Size(shape), dtype, {layer: (FP8Act(codes, scale), None)})

@@ -40,10 +40,11 @@ from safetensors import safe_open
 from torch import nn
 
 from qdiff.io import save_safetensors_atomic
-from qdiff.kernels.cross_attention import cross_attention
+from qdiff.kernels.cross_attention import cross_attention, cross_attention_fp8
 from qdiff.kernels.short_attention import short_attention
 from qdiff.layers.quant_linear import QuantLinear
-from qdiff.lowbit.fused import fusable, quantize_gelu, quantize_layernorm_modulate, quantize_residual
+from qdiff.lowbit.fused import (fp8_input, fp8_output_reader, fusable, quantize_gelu, quantize_layernorm_modulate,
+                                quantize_residual)
 from qdiff.lowbit.int_linear import LowBitLinear, QuantizedInput
 
 from t2v.models.embeddings import (
@@ -213,7 +214,8 @@ class MultiHeadCrossAttention(nn.Module):
     ``core`` picks the attention between the linears (`set_cross_attention`): "sdpa" (default): `_attention` on
     [B, h, N, d] views; "math": `_math_attention`; "triton": in the padded form, `qdiff.kernels.cross_attention`
     straight on the [B, N, C] and [B, L, C] linear outputs (a Triton kernel on CUDA, its PyTorch reference on the
-    CPU; the packed form runs SDPA).
+    CPU; the packed form runs SDPA). With "triton" and an FP8 proj that takes fused inputs (`fp8_output_reader`)
+    the kernel writes proj's per-token e4m3 codes instead of its bf16 output (`cross_attention_fp8`).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -242,6 +244,11 @@ class MultiHeadCrossAttention(nn.Module):
             kv = self.kv_linear(cond.reshape(1, batch * length, channels)).reshape(batch, length, 2 * channels)
             if self.core == "triton":
                 k, v = kv.chunk(2, dim=-1)  # [B, L, C] views
+                if fp8_output_reader(self.proj):  # the kernel writes proj's e4m3 codes, not the bf16 output
+                    codes, scale = cross_attention_fp8(q, k, v, cond_lens, self.num_heads,
+                                                       fast=self.proj.fast_act_quant(),
+                                                       backend=self.proj.act_quant_backend())
+                    return self.proj(fp8_input(self.proj, codes, scale, q.shape, q.dtype))
                 return self.proj(cross_attention(q, k, v, cond_lens, self.num_heads))
             q = rearrange(q, "B N (h d) -> B h N d", h=self.num_heads)
             k, v = rearrange(kv, "B L (two h d) -> two B h L d", two=2, h=self.num_heads).unbind(0)

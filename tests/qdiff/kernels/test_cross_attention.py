@@ -154,6 +154,10 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, None, 2, "auto"))
     q, k, v, mask = inputs(2, 20, 120, 2, 72, torch.bfloat16)
     torch.library.opcheck(op, (q, k, v, mask, 2, "torch"))
+    fp8_op = torch.ops.qdiff.cross_attention_fp8.default
+    torch.library.opcheck(fp8_op, (q, k, v, mask, 2, True, "auto"))
+    codes, scale = fp8_op(q, k, v, None, 2, False, "torch")
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (40, 144) and scale.shape == (40, 1)
 
 
 @parent_only
@@ -208,31 +212,56 @@ def test_triton_kernel_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernel directly (bench/check_int_kernels.py --only attn_cross)")
-    run_interpreter_child(__file__, CHILD_FLAG, passed=20)
+    run_interpreter_child(__file__, CHILD_FLAG, passed=50)
 
 
 @child_only
+@pytest.mark.parametrize("kernel", ca.KERNELS)
 @pytest.mark.parametrize("config", [(16, 4), (64, 4)])  # neither divides N = 70 or 33
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_interp_kernel_equals_reference(interpreter, config, shape, masked):
+def test_interp_kernel_equals_reference(interpreter, kernel, config, shape, masked):
     q, k, v, mask = inputs(*shape, masked=masked, seed=shape[1])
-    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=config)
+    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=config, kernel=kernel)
     assert out.shape == q.shape and out.is_contiguous() and out.dtype == torch.float32
     torch.testing.assert_close(out, ca.cross_attention_reference(q, k, v, mask, shape[3]), rtol=1e-5, atol=1e-5)
 
 
 @child_only
+@pytest.mark.parametrize("kernel", ca.KERNELS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_interp_kernel_bfloat16(interpreter, masked):
+def test_interp_kernel_bfloat16(interpreter, kernel, masked):
     """bf16 in and out; the kernel rounds the probabilities to bf16 before the product with v (relative error
     2^-9 per weight) and the output once: within 2e-2 of the float32 reference, relative to the output's scale."""
     q, k, v, mask = inputs(2, 70, 120, 2, 72, torch.bfloat16, masked=masked)
-    out = ca.cross_attention_triton(q, k, v, mask, 2)
+    out = ca.cross_attention_triton(q, k, v, mask, 2, kernel=kernel)
     assert out.dtype == torch.bfloat16
     reference = ca.cross_attention_reference(q, k, v, mask, 2).float()
     error = (out.float() - reference).abs().max() / reference.abs().max()
     assert error < 2e-2, error
+
+
+@child_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_interp_fp8_output_is_the_quantized_rows_output(interpreter, dtype, fast, shape):
+    """The fused e4m3 output equals the FP8 quantization kernel run on the rows kernel's output, bit for bit (same
+    attention values, same quantization math), and dequantizes to within e4m3's rounding of the reference."""
+    from qdiff.kernels.fp8_quant import quantize_fp8_per_token
+
+    q, k, v, mask = inputs(*shape, dtype=dtype, seed=shape[2])
+    codes, scale = ca.cross_attention_fp8_triton(q, k, v, mask, shape[3], fast=fast, config=(16, 4))
+    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=(16, 4), kernel="rows")
+    expected_codes, expected_scale = quantize_fp8_per_token(out.reshape(-1, out.shape[-1]), backend="triton",
+                                                            fast=fast)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (shape[0] * shape[1], shape[3] * shape[4])
+    assert scale.dtype == torch.float32 and scale.shape == (shape[0] * shape[1], 1)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))
+    reference = ca.cross_attention_reference(q, k, v, mask, shape[3]).float().reshape(codes.shape)
+    error = (codes.float() * scale - reference).abs().max(dim=-1).values
+    assert (error <= reference.abs().amax(dim=-1) * 2**-3).all()  # half an e4m3 step of the row's largest value
 
 
 @child_only

@@ -270,6 +270,49 @@ def test_stdit_compiles_with_fp8_kernel_op(mode, launches_per_block):
     assert float((compiled - eager).norm() / eager.norm()) < 1e-6  # the TQE-free W8A8 model: summation order only
 
 
+@pytest.mark.parametrize("yaml,fused_blocks", [("configs/quant/w8a8_fp8.yaml", 2), ("configs/quant/w4a8_fp8.yaml", 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stdit_triton_cross_attention_writes_proj_codes(monkeypatch, yaml, fused_blocks, dtype):
+    """Cross-attention core "triton" with fusion on: the attention quantizes its output for an FP8 proj without
+    smoothing (`cross_attention_fp8`, one call per block; w4a8_fp8's proj divides by a smoothing scale: not fused).
+    CPU: the reference attention and quantization, so the output equals fusion off bit for bit."""
+    import t2v.models.stdit as stdit
+
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
+    convert_to_int(model)
+    model.to(dtype)
+    stdit.set_cross_attention(model, "triton")
+    model.static_block_inputs = True  # the padded text the kernel takes (what compiled blocks run)
+    calls = []
+    original = stdit.cross_attention_fp8
+    monkeypatch.setattr(stdit, "cross_attention_fp8", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    x, t, y, mask = model_helpers.inputs()
+    with torch.no_grad():
+        unfused = model(x, t, y, mask=mask)
+        assert not calls  # fusion is opt-in
+        set_fusion(model, True)
+        out = model(x, t, y, mask=mask)
+    assert calls == [dict(fast=False, backend="auto")] * fused_blocks
+    assert torch.equal(out, unfused)
+
+
+def test_stdit_compiled_triton_cross_attention_records_the_fp8_op():
+    """Compiled with cross_attention="triton" and int_act_quant="fused": one cross_attention_fp8 op per block in
+    place of the cross-attention and proj's quantization (the fast flag on, as compiled fused layers quantize); the
+    output is the eager one (CPU: the references)."""
+    _, model = model_helpers.calibrated(QuantConfig.from_yaml("configs/quant/w8a8_fp8.yaml"))
+    convert_to_int(model)
+    eager, compiled, graphs = sibling("test_lowbit_compile").compiled_vs_eager(model, int_act_quant="fused",
+                                                                                cross_attention="triton")
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("qdiff.cross_attention_fp8" in t for t in targets) == 1
+    assert not any("qdiff.cross_attention.default" in t for t in targets)
+    # q/k/v, cross q and fc1 after residual adds, fc2's GELU, kv_linear: the cross proj's launch is gone
+    assert sum("qdiff.quantize_fp8_per_token" in t for t in targets) == 13 - 2 - 1
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-6
+
+
 def fp8_linear(layout):
     layer = readers(count=1, weights="w4_affine", **layout)[0]
     layer.prepare()
