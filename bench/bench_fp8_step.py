@@ -12,9 +12,10 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <variant>, CUDA graph         with --cuda_graph
   <model>, fast compiled        with --fast, after the model's plain rows: q, k and v merged into one linear
                                 (t2v.models.stdit.merge_qkv; layers that cannot merge stay), the Triton temporal
-                                attention (compile_blocks(temporal_attention="short_triton")) and the fused activation
-                                quantization (compile_model(int_act_quant="fused"): the producer LayerNorm + modulate
-                                or GELU inside the FP8 quantization kernel)
+                                attention (compile_blocks(temporal_attention="short_triton")), the Triton
+                                cross-attention (cross_attention="triton": for an FP8 proj it writes proj's e4m3 codes)
+                                and the fused activation quantization (compile_model(int_act_quant="fused"): the
+                                producer LayerNorm + modulate or GELU inside the FP8 quantization kernel)
   <model>, fast, permuted temporal  with --fast --permuted_temporal: the fast rows with the temporal attention on
                                 permuted [B*S, T, C] copies (Attention.frame_major off), the layout before session 12;
                                 the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)
@@ -23,8 +24,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast, MLP residual apart  with --fast --mlp_residual_apart: the fast rows with each block's MLP residual
                                 add in its own block (STDiT.defer_mlp_residual off: an op of its own, not in the next
                                 block's norm1 quantization)
-  <model>, fast, Triton cross-attention  with --fast --triton_cross: the fast rows with the cross-attention on
-                                the Triton kernel (compile_blocks(cross_attention="triton"), qdiff.kernels.cross_attention)
+  <model>, fast, SDPA cross-attention  with --fast --sdpa_cross: the fast rows with the cross-attention on SDPA
+                                (cuDNN) and proj quantizing its own input, as before session 15
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
                                 use_fast_accum (Hopper's FP8 accumulation without periodic promotion)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
@@ -62,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GROUPS = ("bf16", "w8a8", "w4a8")
+FAST = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")  # compile_blocks
 
 
 def parse_args(argv=None):
@@ -88,8 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp_residual_apart", action="store_true",
                    help="with --fast: also the fast rows with each block's MLP residual add in its own block "
                         "(STDiT.defer_mlp_residual off), side by side")
-    p.add_argument("--triton_cross", action="store_true",
-                   help="with --fast: also time the fast rows with the Triton cross-attention kernel")
+    p.add_argument("--sdpa_cross", action="store_true",
+                   help="with --fast: also time the fast rows with the cross-attention on SDPA (before session 15)")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--fast_accum_rows", action="store_true",
                    help="with --fast: also the fast rows with torch._scaled_mm's use_fast_accum, side by side")
@@ -299,8 +301,7 @@ def main(argv=None) -> int:
         if args.permuted_temporal:  # the fast rows before session 12: temporal attention on permuted copies
             for block in model.blocks:
                 block.attn_temp.frame_major = False
-            run_variants(f"{name} fast, permuted temporal", model, reference, {}, temporal_attention="short_triton",
-                         int_act_quant="fused")
+            run_variants(f"{name} fast, permuted temporal", model, reference, {}, **FAST)
             for block in model.blocks:
                 block.attn_temp.frame_major = "auto"
         if args.unfused_residual:  # the fast rows before session 12's residual prologue: residual adds apart
@@ -308,33 +309,30 @@ def main(argv=None) -> int:
 
             fused_residual, stdit.quantize_residual = stdit.quantize_residual, lambda *args, **kwargs: None
             try:
-                run_variants(f"{name} fast, residual adds apart", model, reference, {},
-                             temporal_attention="short_triton", int_act_quant="fused")
+                run_variants(f"{name} fast, residual adds apart", model, reference, {}, **FAST)
             finally:
                 stdit.quantize_residual = fused_residual
         if args.mlp_residual_apart:  # the fast rows before the MLP residual add moved into the next block
             model.defer_mlp_residual = False
             try:
-                run_variants(f"{name} fast, MLP residual apart", model, reference, {},
-                             temporal_attention="short_triton", int_act_quant="fused")
+                run_variants(f"{name} fast, MLP residual apart", model, reference, {}, **FAST)
             finally:
                 model.defer_mlp_residual = True
         fast = {}
-        run_variants(f"{name} fast", model, reference, fast, temporal_attention="short_triton", int_act_quant="fused")
+        run_variants(f"{name} fast", model, reference, fast, **FAST)
         numerics.update({f"fast: {key}": value for key, value in fast.items()})
-        if args.triton_cross:
+        if args.sdpa_cross:
             cross = {}
-            run_variants(f"{name} fast, Triton cross-attention", model, reference, cross,
-                         temporal_attention="short_triton", int_act_quant="fused", cross_attention="triton")
-            numerics.update({f"Triton cross-attention: {key}": value for key, value in cross.items()})
+            run_variants(f"{name} fast, SDPA cross-attention", model, reference, cross,
+                         **{**FAST, "cross_attention": "sdpa"})
+            numerics.update({f"SDPA cross-attention: {key}": value for key, value in cross.items()})
         layers = [layer for _, layer in fp8_layers(model)]
         if args.fast_accum_rows and layers:
             accumulate = {}
             for layer in layers:
                 layer.fast_accum = True
             try:
-                run_variants(f"{name} fast, fast accumulation", model, reference, accumulate,
-                             temporal_attention="short_triton", int_act_quant="fused")
+                run_variants(f"{name} fast, fast accumulation", model, reference, accumulate, **FAST)
             finally:
                 for layer in layers:
                     layer.fast_accum = args.fast_accum

@@ -83,7 +83,8 @@ def cross_attention_rows_kernel(
     float32 (contiguous) when QUANT. Scores, softmax and accumulation in float32, the probabilities rounded to the
     input dtype before the product with v (as `cross_attention_kernel`). The e4m3 codes are those of
     `qdiff.kernels.fp8_quant.quantize_fp8_per_token` applied to o as stored (rounded to o's dtype): after the head
-    loop a barrier, then the rows are read back from o (the program's own writes, in L2) in CHUNK-wide pieces.
+    loop a barrier, then the rows are read back from o (the program's own writes, in L2) in CHUNK-wide pieces, each
+    loaded before the previous one's codes are stored.
     """
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,13 +140,17 @@ def cross_attention_rows_kernel(
         tl.debug_barrier()  # the rows below were written by other threads of this program
         scale = _row_scale(absmax)
         token = b.to(tl.int64) * queries + rows  # row of the [B·queries, C] codes
-        for c0 in range(0, HEADS * HEAD_DIM, CHUNK):
-            cols = c0 + tl.arange(0, CHUNK)
-            valid = row_ok[:, None] & (cols < HEADS * HEAD_DIM)[None, :]
-            x = tl.load(o_base + rows[:, None].to(tl.int64) * stride_on + cols[None, :], mask=valid, other=0.0)
+        o_rows = o_base + rows[:, None].to(tl.int64) * stride_on
+        cols = tl.arange(0, CHUNK)
+        valid = row_ok[:, None] & (cols < HEADS * HEAD_DIM)[None, :]
+        x = tl.load(o_rows + cols[None, :], mask=valid, other=0.0)
+        for c0 in range(CHUNK, HEADS * HEAD_DIM + CHUNK, CHUNK):  # the next piece is loaded before this one is stored
+            next_cols = c0 + tl.arange(0, CHUNK)
+            next_valid = row_ok[:, None] & (next_cols < HEADS * HEAD_DIM)[None, :]
+            x_next = tl.load(o_rows + next_cols[None, :], mask=next_valid, other=0.0)
             _store_codes(x.to(tl.float32), valid, token, cols, scale, codes_ptr, HEADS * HEAD_DIM, FAST)
+            x, cols, valid = x_next, next_cols, next_valid
         tl.store(scale_ptr + token, scale, mask=row_ok)
-
 
 # the rows kernel autotuned over (BLOCK_M, num_warps) (`cross_attention.CONFIGS["rows"]`), once per shape and mode
 ROWS_AUTOTUNE_CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))

@@ -31,10 +31,10 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
     p.add_argument("--fast", action="store_true",
-                   help="the fastest settings measured on an H100 (docs/benchmarks.md, sessions 12-13): --compile "
-                        "--cuda_graph --merge_qkv --temporal_attention short_triton --int_act_quant fused "
-                        "--fast_accum (the last two for --hardware layers); flags given explicitly win; needs a CUDA "
-                        "GPU")
+                   help="the fastest settings measured on an H100 (docs/benchmarks.md, sessions 12-15): --compile "
+                        "--cuda_graph --merge_qkv --temporal_attention short_triton --cross_attention triton "
+                        "--int_act_quant fused --fast_accum (the last two for --hardware layers); flags given "
+                        "explicitly win; needs a CUDA GPU")
     p.add_argument("--fast_accum", action=argparse.BooleanOptionalAction, default=None,
                    help="with --hardware FP8 layers: torch._scaled_mm's use_fast_accum, Hopper's FP8 accumulation "
                         "without periodic promotion (W8A8 FP8 step 89.0 -> 82.7 ms on an H100, output error to the "
@@ -48,6 +48,10 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                    help="with --compile: the temporal attention's core (t2v.models.stdit.set_temporal_attention). "
                         "math: matmul-softmax-matmul (default); sdpa; short_triton: our Triton kernel for N <= 32 "
                         "frames (6x faster than cuDNN's SDPA on an H100, docs/benchmarks.md)")
+    p.add_argument("--cross_attention", choices=("sdpa", "math", "triton"), default=None,
+                   help="with --compile: the cross-attention's core (t2v.models.stdit.set_cross_attention). sdpa "
+                        "(default); math; triton: our Triton kernel, which also writes an FP8 proj's e4m3 input "
+                        "itself (W8A8 FP8 step 81.2 -> 80.0 ms on an H100, docs/benchmarks.md)")
     p.add_argument("--merge_qkv", action="store_true",
                    help="merge q, k and v of each self-attention into one linear (t2v.models.stdit.merge_qkv): one "
                         "activation quantization and one wider GEMM; attentions whose layers cannot merge (TQE post "
@@ -59,14 +63,14 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 # speed flags with a default that --fast changes: (default, with --fast)
-SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "int_act_quant": ("torch", "fused"),
-                  "fast_accum": (False, True)}
+SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "cross_attention": ("sdpa", "triton"),
+                  "int_act_quant": ("torch", "fused"), "fast_accum": (False, True)}
 
 
 def resolve_speed_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the speed flags left unset: their defaults, or with --fast the fastest measured settings (--compile,
-    --cuda_graph, --merge_qkv, the Triton temporal attention, fused activation quantization, FP8 fast accumulation).
-    Flags given explicitly keep their values. Returns args."""
+    --cuda_graph, --merge_qkv, the Triton temporal and cross attention, fused activation quantization, FP8 fast
+    accumulation). Flags given explicitly keep their values. Returns args."""
     fast = getattr(args, "fast", False)
     for name, (default, fastest) in SPEED_DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -99,7 +103,8 @@ def compile_if_requested(model, args) -> None:
         from t2v.models.stdit import compile_blocks
 
         compile_blocks(model, int_act_quant=getattr(args, "int_act_quant", "torch"),
-                       temporal_attention=getattr(args, "temporal_attention", "math"))
+                       temporal_attention=getattr(args, "temporal_attention", "math"),
+                       cross_attention=getattr(args, "cross_attention", None))
 
 
 def cuda_graph_if_requested(pipe, args) -> None:

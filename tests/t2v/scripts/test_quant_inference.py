@@ -143,6 +143,7 @@ def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win():
     fast = quant_inference.parse_args([*base, "--hardware", "--fast"])
     assert (fast.compile, fast.cuda_graph, fast.merge_qkv) == (True, True, True)
     assert (fast.temporal_attention, fast.int_act_quant, fast.fast_accum) == ("short_triton", "fused", True)
+    assert (plain.cross_attention, fast.cross_attention) == ("sdpa", "triton")
     mixed = quant_inference.parse_args([*base, "--fast", "--temporal_attention", "sdpa", "--int_act_quant", "kernel",
                                         "--no-fast_accum"])
     assert (mixed.temporal_attention, mixed.int_act_quant, mixed.compile) == ("sdpa", "kernel", True)
