@@ -14,13 +14,12 @@ Variants (each in its own try/except; its max |error| vs the float32 reference i
                        [B, h, rows, d] views with the [B, 1, 1, L] mask, the output back to [B, N, C] (as
                        `MultiHeadCrossAttention.core = "sdpa"` runs it)
   sdpa cudnn / efficient / math   the same with one SDPA backend forced (flash takes no mask)
-  triton K (M, W)      `qdiff.kernels.cross_attention.cross_attention_triton` with kernel K ("rows": a program per
-                       query tile with all heads; "heads": per query tile and head), BLOCK_M = M and W warps; each
-                       kernel's default config, and with --configs every one of its `CONFIGS`
+  triton (M, W)        `qdiff.kernels.cross_attention.cross_attention_triton` with BLOCK_M = M and W warps; the
+                       default config, and with --configs every one of its `CONFIGS`
   sdpa + fp8 quant     sdpa, then the per-token e4m3 quantization of its output for an FP8 proj (the Triton kernel
                        of `quantize_fp8_per_token`, fast division, as compiled fused layers run it)
-  triton rows fp8 (M, W)  `cross_attention_fp8_triton`: the rows kernel with that quantization fused (fast)
-  triton rows [fp8] autotuned  the rows kernel without a config: autotuned over its CONFIGS (what the model runs)
+  triton fp8 (M, W)    `cross_attention_fp8_triton`: the kernel with that quantization fused (fast)
+  triton [fp8] autotuned  the kernel without a config: autotuned over its CONFIGS (what the model runs)
 The fp8 rows' error is that of the dequantized codes; their GB/s use the same byte count as the others.
 Needs a CUDA GPU and triton (--help works anywhere). Results are facts of one run on one machine: compare rows of
 one run only.
@@ -45,7 +44,7 @@ def variants(heads: int, all_configs: bool) -> list[tuple[str, object]]:
     """(label, fn(q, k, v, key_mask) -> [B, N, C]) of every variant."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from qdiff.kernels.cross_attention import (CONFIGS, DEFAULT_CONFIGS, KERNELS, cross_attention_fp8_triton,
+    from qdiff.kernels.cross_attention import (CONFIGS, DEFAULT_CONFIG, cross_attention_fp8_triton,
                                                cross_attention_triton)
     from qdiff.kernels.fp8_quant import quantize_fp8_per_token
     from t2v.models.stdit import _attention
@@ -64,22 +63,19 @@ def variants(heads: int, all_configs: bool) -> list[tuple[str, object]]:
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                           ("math", SDPBackend.MATH)):
         out.append((f"sdpa {name}", sdpa(backend)))
-    for kernel in KERNELS:
-        for config in (CONFIGS[kernel] if all_configs else (DEFAULT_CONFIGS[kernel],)):
-            label = f"triton {kernel} {config}" + (" (default)" if config == DEFAULT_CONFIGS[kernel] else "")
-            out.append((label, lambda q, k, v, m, config=config, kernel=kernel:
-                        cross_attention_triton(q, k, v, m, heads, config=config, kernel=kernel)))
+    for config in (CONFIGS if all_configs else (DEFAULT_CONFIG,)):
+        label = f"triton {config}" + (" (default)" if config == DEFAULT_CONFIG else "")
+        out.append((label, lambda q, k, v, m, config=config: cross_attention_triton(q, k, v, m, heads, config=config)))
 
     def sdpa_fp8(q, k, v, key_mask):
         result = sdpa()(q, k, v, key_mask)
         return quantize_fp8_per_token(result.reshape(-1, result.shape[-1]), backend="triton", fast=True)
 
     out.append(("sdpa + fp8 quant", sdpa_fp8))
-    out.append(("triton rows autotuned", lambda q, k, v, m: cross_attention_triton(q, k, v, m, heads)))
-    out.append(("triton rows fp8 autotuned", lambda q, k, v, m: cross_attention_fp8_triton(q, k, v, m, heads,
-                                                                                        fast=True)))
-    for config in (CONFIGS["rows"] if all_configs else (DEFAULT_CONFIGS["rows"],)):
-        label = f"triton rows fp8 {config}" + (" (default)" if config == DEFAULT_CONFIGS["rows"] else "")
+    out.append(("triton autotuned", lambda q, k, v, m: cross_attention_triton(q, k, v, m, heads)))
+    out.append(("triton fp8 autotuned", lambda q, k, v, m: cross_attention_fp8_triton(q, k, v, m, heads, fast=True)))
+    for config in (CONFIGS if all_configs else (DEFAULT_CONFIG,)):
+        label = f"triton fp8 {config}" + (" (default)" if config == DEFAULT_CONFIG else "")
         out.append((label, lambda q, k, v, m, config=config:
                     cross_attention_fp8_triton(q, k, v, m, heads, fast=True, config=config)))
     return out

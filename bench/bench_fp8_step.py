@@ -13,8 +13,7 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast compiled        with --fast, after the model's plain rows: q, k and v merged into one linear
                                 (t2v.models.stdit.merge_qkv; layers that cannot merge stay), the Triton temporal
                                 attention (compile_blocks(temporal_attention="short_triton")), the Triton
-                                cross-attention (cross_attention="triton": for an FP8 proj it writes proj's e4m3 codes)
-                                and the fused activation quantization (compile_model(int_act_quant="fused"): the
+                                cross-attention (cross_attention="triton") and the fused activation quantization (compile_model(int_act_quant="fused"): the
                                 producer LayerNorm + modulate or GELU inside the FP8 quantization kernel)
   <model>, fast, permuted temporal  with --fast --permuted_temporal: the fast rows with the temporal attention on
                                 permuted [B*S, T, C] copies (Attention.frame_major off), the layout before session 12;
@@ -24,6 +23,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast, MLP residual apart  with --fast --mlp_residual_apart: the fast rows with each block's MLP residual
                                 add in its own block (STDiT.defer_mlp_residual off: an op of its own, not in the next
                                 block's norm1 quantization)
+  <model>, fast, cross-attention writes e4m3  with --fast --cross_fp8_output: the Triton cross-attention quantizes
+                                its output for an FP8 proj itself (MultiHeadCrossAttention.fp8_output)
   <model>, fast, SDPA cross-attention  with --fast --sdpa_cross: the fast rows with the cross-attention on SDPA
                                 (cuDNN) and proj quantizing its own input, as before session 15
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
@@ -90,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp_residual_apart", action="store_true",
                    help="with --fast: also the fast rows with each block's MLP residual add in its own block "
                         "(STDiT.defer_mlp_residual off), side by side")
+    p.add_argument("--cross_fp8_output", action="store_true",
+                   help="with --fast: also time the fast rows with the cross-attention writing proj's e4m3 codes")
     p.add_argument("--sdpa_cross", action="store_true",
                    help="with --fast: also time the fast rows with the cross-attention on SDPA (before session 15)")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
@@ -321,6 +324,14 @@ def main(argv=None) -> int:
         fast = {}
         run_variants(f"{name} fast", model, reference, fast, **FAST)
         numerics.update({f"fast: {key}": value for key, value in fast.items()})
+        if args.cross_fp8_output:
+            for block in model.blocks:
+                block.cross_attn.fp8_output = True
+            try:
+                run_variants(f"{name} fast, cross-attention writes e4m3", model, reference, {}, **FAST)
+            finally:
+                for block in model.blocks:
+                    block.cross_attn.fp8_output = False
         if args.sdpa_cross:
             cross = {}
             run_variants(f"{name} fast, SDPA cross-attention", model, reference, cross,

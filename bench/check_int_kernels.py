@@ -21,12 +21,11 @@ configs reach (Q-VDiT, ViDiT-Q, naive PTQ) and the fused producers (docs/int_ker
            the output's max |value| in fp32, 3e-3 fp16, 2e-2 bf16: P is rounded to the input dtype)
   attn_cross_*  the cross-attention kernel (`qdiff.kernels.cross_attention`) at XL/2's shape: B = 2, N = 16384
            video tokens, 16 heads of 72, L = 120 text tokens with a key mask (120 and 37 valid), q a view of
-           [B, N, 3C], k and v the halves of [B, L, 2C]; and a ragged unmasked one (N = 1000, L = 12); both kernels
-           ("rows", "heads"), bf16 with every (BLOCK_M, warps) config of their CONFIGS, fp32 with the default
-           (rows: autotuned);
-           bounds as attn_short_*. attn_cross_fp8_*: the rows kernel with the e4m3 quantization fused
-           (`cross_attention_fp8_triton`, exact and fast division): codes and scales equal, bit for bit, the FP8
-           quantization kernel's on the rows kernel's output
+           [B, N, 3C], k and v the halves of [B, L, 2C]; and a ragged unmasked one (N = 1000, L = 12); bf16 with
+           every (BLOCK_M, warps) config of its CONFIGS, fp32 autotuned (its larger tiles exceed the shared memory
+           in fp32 and are skipped); bounds as attn_short_*. attn_cross_fp8_*: the kernel with the e4m3
+           quantization fused (`cross_attention_fp8_triton`, exact and fast division): codes and scales equal, bit
+           for bit, the FP8 quantization kernel's on the kernel's own output
   fp8_*    per-token e4m3 quantization (`quantize_fp8_per_token_triton`, FP8Linear's input): producer none /
            LayerNorm+modulate / GELU, with and without smoothing, bf16 and fp32, exact and fast division, the two
            tiles and the whole rows read as a piece and a tail (FP8_TILES);
@@ -168,16 +167,12 @@ def variants() -> list[tuple]:
     for dtype in ("bfloat16", "float16", "float32"):
         for config in ATTENTION_CONFIGS if dtype == "bfloat16" else (DEFAULT_ATTENTION_CONFIG,):
             out.append((f"attn_short_{dtype}_{config[0]}x{config[1]}", "attn", dict(dtype=dtype, config=config)))
-    from qdiff.kernels.cross_attention import CONFIGS as CROSS_CONFIGS, DEFAULT_CONFIGS as DEFAULT_CROSS_CONFIGS
+    from qdiff.kernels.cross_attention import CONFIGS as CROSS_CONFIGS
 
-    for kernel, configs in CROSS_CONFIGS.items():
-        for dtype in ("bfloat16", "float32"):
-            # float32 rows: autotuned (its larger tiles exceed the shared memory in float32 and are skipped)
-            for config in configs if dtype == "bfloat16" else (None if kernel == "rows" else
-                                                                DEFAULT_CROSS_CONFIGS[kernel],):
-                name = "autotuned" if config is None else f"{config[0]}x{config[1]}"
-                out.append((f"attn_cross_{kernel}_{dtype}_{name}", "cross", dict(dtype=dtype, config=config,
-                                                                                  kernel=kernel)))
+    for dtype in ("bfloat16", "float32"):
+        for config in CROSS_CONFIGS if dtype == "bfloat16" else (None,):
+            name = "autotuned" if config is None else f"{config[0]}x{config[1]}"
+            out.append((f"attn_cross_{dtype}_{name}", "cross", dict(dtype=dtype, config=config)))
     for fast in (False, True):
         for dtype in ("bfloat16", "float32"):
             out.append((f"attn_cross_fp8_{dtype}{'_fast' if fast else ''}", "cross_fp8", dict(dtype=dtype, fast=fast)))
@@ -406,12 +401,12 @@ def check_cross_fp8(params: dict) -> str:
     for (q, k, _, _), on_device, heads in _cross_inputs(dtype, torch.Generator().manual_seed(6), device):
         args = (*on_device, heads)
         codes, scale = cross_attention_fp8_triton(*args, fast=fast)
-        out = cross_attention_triton(*args, kernel="rows")
+        out = cross_attention_triton(*args)
         expected_codes, expected_scale = quantize_fp8_per_token(out.reshape(-1, out.shape[-1]), backend="triton",
                                                                 fast=fast)
         assert torch.equal(scale, expected_scale), "scales differ"
         moved = int((codes.view(torch.uint8) != expected_codes.view(torch.uint8)).sum())
-        assert moved == 0, f"{moved} codes differ from quantizing the rows kernel's output"
+        assert moved == 0, f"{moved} codes differ from quantizing the kernel's output"
         lines.append(f"N={q.shape[1]} L={k.shape[1]}: {codes.numel()} codes equal")
     return ", ".join(lines)
 
@@ -425,7 +420,7 @@ def check_cross(params: dict) -> str:
     for (q, k, v, mask), on_device, heads in _cross_inputs(dtype, torch.Generator().manual_seed(5), device):
         queries, keys = q.shape[1], k.shape[1]
         reference = cross_attention_reference(q, k, v, mask, heads).float()  # float32 math on the CPU
-        out = cross_attention_triton(*on_device, heads, config=params["config"], kernel=params["kernel"])
+        out = cross_attention_triton(*on_device, heads, config=params["config"])
         assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
         error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
         assert error <= bound, f"N={queries} L={keys}: max error {error:.2e} of max |out| (bound {bound})"

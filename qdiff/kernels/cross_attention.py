@@ -10,9 +10,11 @@ Every sample must have at least one valid key (STDiT checks it when it pads the 
 with every key masked has no defined softmax (NaN from the reference and from the kernel).
 
 - `cross_attention_reference`: the definition in PyTorch (float32 math, the result cast to q's dtype).
-- `cross_attention_triton`: one Triton kernel (`qdiff.kernels.triton_cross_attention`): each program holds one
-  head's whole K and V in registers and runs one [BLOCK_M, d] tile of queries against them; float32 scores and
-  softmax, float32 accumulation; bf16, fp16 or fp32 in and out.
+- `cross_attention_triton`: one Triton kernel (`qdiff.kernels.triton_cross_attention`): each program takes a
+  [BLOCK_M, C] tile of query rows and loops over the heads, each head's whole K and V in one tile; float32 scores
+  and softmax, float32 accumulation; bf16, fp16 or fp32 in and out.
+- `cross_attention_fp8` (`_reference`, `_triton`): the same with the output quantized per token to e4m3 for an FP8
+  linear, inside the kernel (opt-in for STDiT: measured slower than the kernel plus the separate quantization).
 - `cross_attention`: the dispatch: Triton on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (Triton's
   interpreter, for tests); the reference elsewhere, and whenever autograd needs a gradient (the kernel is for
   inference). Under torch.compile it records the custom op `torch.ops.qdiff.cross_attention` (`qdiff.kernels.ops`),
@@ -30,15 +32,12 @@ from qdiff.kernels.fp8_quant import FP8_DTYPE, quantize_fp8_per_token
 
 MAX_KEYS = 128  # longest text the kernel takes (one program holds all of a head's keys)
 MAX_HEAD_DIM = 128
-KERNELS = ("rows", "heads")  # a program per query tile with all heads / per query tile and head
-DEFAULT_KERNEL = "rows"
-# (BLOCK_M, num_warps) of each kernel: the defaults, and the candidates that bench/bench_cross_attention.py
-# --configs times
-# --configs times; a "rows" launch without a config is autotuned over its CONFIGS (the interpreter takes the default)
-DEFAULT_CONFIGS = {"rows": (128, 8), "heads": (128, 4)}  # the fastest in bf16 on an H100 (docs)
-CONFIGS = {"rows": ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)),  # = triton_cross_attention.ROWS_AUTOTUNE_CONFIGS
-           "heads": ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))}
-QUANT_CHUNK = 256  # channels per piece when the rows kernel reads its rows back to quantize them
+# (BLOCK_M, num_warps) of the kernel: the default (the fastest in bf16 on an H100, docs/benchmarks.md session 15), and
+# the candidates that bench/bench_cross_attention.py --configs times. A launch without a config is autotuned over
+# CONFIGS (the interpreter takes the default).
+DEFAULT_CONFIG = (128, 8)
+CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))  # = triton_cross_attention.AUTOTUNE_CONFIGS
+QUANT_CHUNK = 256  # channels per piece when the kernel reads its rows back to quantize them
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -82,7 +81,7 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def head_pieces(head_dim: int) -> tuple[int, int]:
-    """(D_MAIN, D_TAIL) of the rows kernel: a head's channels as a power-of-two piece (≥ 16, `tl.dot`'s least
+    """(D_MAIN, D_TAIL) of the kernel: a head's channels as a power-of-two piece (≥ 16, `tl.dot`'s least
     width) and, when that leaves channels over, a power-of-two tail piece (≥ 16, masked): 72 -> (64, 16),
     128 -> (128, 0), 24 -> (16, 16), 8 -> (16, 0)."""
     main = max(16, 1 << (head_dim.bit_length() - 1))
@@ -90,16 +89,12 @@ def head_pieces(head_dim: int) -> tuple[int, int]:
     return main, (max(16, 1 << (rest - 1).bit_length()) if rest > 0 else 0)
 
 
-def _launch(q, k, v, key_mask, num_heads, config, kernel, fast=None):
-    """Run `kernel` ("rows" or "heads"); fast None: out [B, N, C], else (codes [B·N, C] e4m3, scale [B·N, 1])."""
+def _launch(q, k, v, key_mask, num_heads, config, fast=None):
+    """Run the kernel; fast None: out [B, N, C], else (codes [B·N, C] e4m3, scale [B·N, 1])."""
     batch, queries, keys, head_dim = _check(q, k, v, key_mask, num_heads)
     tensors = (q, k, v) if key_mask is None else (q, k, v, key_mask)
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"cross_attention: inputs on different devices: {[str(t.device) for t in tensors]}")
-    if kernel not in KERNELS:
-        raise ValueError(f"cross_attention: kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    if fast is not None and kernel != "rows":
-        raise ValueError("cross_attention: the e4m3 output needs the rows kernel (all heads of a row in one program)")
     import triton
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # with fast given: the kernel's scratch
@@ -113,47 +108,41 @@ def _launch(q, k, v, key_mask, num_heads, config, kernel, fast=None):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # a bool mask as bytes (the kernel tests != 0); without one the pointer is never read
     mask = out if key_mask is None else key_mask.contiguous().view(torch.uint8)
-    common = dict(KEYS=keys, HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_L=max(16, triton.next_power_of_2(keys)),
-                  HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
-    qk_scale = math.log2(math.e) / math.sqrt(head_dim)
-    kernels = _triton_module()
-    if kernel == "heads":
-        block_m, warps = config or DEFAULT_CONFIGS[kernel]
-        kernels.cross_attention_kernel[(batch * num_heads, triton.cdiv(queries, block_m))](
-            q, k, v, mask, out, queries, qk_scale, *strides, BLOCK_M=block_m,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=warps, **common)
-        return out
     main, tail = head_pieces(head_dim)
-    args = (q, k, v, mask, out, out if codes is None else codes, out if scale is None else scale, queries, qk_scale,
-            *strides)
-    common.update(D_MAIN=main, D_TAIL=tail, QUANT=fast is not None, FAST=bool(fast), CHUNK=QUANT_CHUNK)
+    args = (q, k, v, mask, out, out if codes is None else codes, out if scale is None else scale, queries,
+            math.log2(math.e) / math.sqrt(head_dim), *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+            *out.stride()[:2])
+    flags = dict(KEYS=keys, HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_L=max(16, triton.next_power_of_2(keys)),
+                 D_MAIN=main, D_TAIL=tail, HAS_MASK=key_mask is not None,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=fast is not None,
+                 FAST=bool(fast), CHUNK=QUANT_CHUNK)
+    kernels = _triton_module()
     if config is None and not interpret_mode():
-        kernels.cross_attention_rows_tuned[lambda meta: (batch, triton.cdiv(queries, meta["BLOCK_M"]))](*args, **common)
+        kernels.cross_attention_tuned[lambda meta: (batch, triton.cdiv(queries, meta["BLOCK_M"]))](*args, **flags)
     else:
-        block_m, warps = config or DEFAULT_CONFIGS[kernel]
-        kernels.cross_attention_rows_kernel[(batch, triton.cdiv(queries, block_m))](
-            *args, BLOCK_M=block_m, num_warps=warps, **common)
+        block_m, warps = config or DEFAULT_CONFIG
+        kernels.cross_attention_kernel[(batch, triton.cdiv(queries, block_m))](*args, BLOCK_M=block_m,
+                                                                                num_warps=warps, **flags)
     return out if fast is None else (codes, scale)
 
 
 def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                           num_heads: int, config: tuple[int, int] | None = None,
-                           kernel: str = DEFAULT_KERNEL) -> torch.Tensor:
-    """A Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
-    kernel: "rows" (a program per query tile, all heads) or "heads" (a program per query tile and head);
-    config: (BLOCK_M, num_warps), default DEFAULT_CONFIGS[kernel]."""
-    return _launch(q, k, v, key_mask, num_heads, config, kernel)
+                           num_heads: int, config: tuple[int, int] | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference.
+    config: (BLOCK_M, num_warps); None: autotuned over CONFIGS (the interpreter: DEFAULT_CONFIG)."""
+    return _launch(q, k, v, key_mask, num_heads, config)
 
 
 def cross_attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                                num_heads: int, fast: bool = False,
                                config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows kernel with the per-token e4m3 quantization of its output fused: (codes float8_e4m3fn [B·N, C],
+    """The kernel with the per-token e4m3 quantization of its output fused: (codes float8_e4m3fn [B·N, C],
     scale float32 [B·N, 1]), those of `quantize_fp8_per_token(out.reshape(-1, C), fast=fast)` for the `out` of
-    `cross_attention_triton(..., kernel="rows")` (the same values, bit for bit). fast: the quantization's one
-    reciprocal per row instead of a division per element (`qdiff.kernels.fp8_quant`)."""
-    return _launch(q, k, v, key_mask, num_heads, config, "rows", fast=bool(fast))
+    `cross_attention_triton` (the same values, bit for bit). fast: the quantization's one reciprocal per row instead
+    of a division per element (`qdiff.kernels.fp8_quant`). On an H100 at XL/2's shape this took 0.163 ms against
+    0.115 ms for the kernel alone plus about 0.04 ms for the separate quantization kernel, and the W8A8 FP8 step 80.6
+    against 80.1 ms (docs/benchmarks.md, session 15): STDiT uses it only when asked (`MultiHeadCrossAttention.fp8_output`)."""
+    return _launch(q, k, v, key_mask, num_heads, config, fast=bool(fast))
 
 
 def _triton_module():

@@ -214,8 +214,10 @@ class MultiHeadCrossAttention(nn.Module):
     ``core`` picks the attention between the linears (`set_cross_attention`): "sdpa" (default): `_attention` on
     [B, h, N, d] views; "math": `_math_attention`; "triton": in the padded form, `qdiff.kernels.cross_attention`
     straight on the [B, N, C] and [B, L, C] linear outputs (a Triton kernel on CUDA, its PyTorch reference on the
-    CPU; the packed form runs SDPA). With "triton" and an FP8 proj that takes fused inputs (`fp8_output_reader`)
-    the kernel writes proj's per-token e4m3 codes instead of its bf16 output (`cross_attention_fp8`).
+    CPU; the packed form runs SDPA). ``fp8_output`` (default False): with "triton" and an FP8 proj that takes fused
+    inputs (`fp8_output_reader`) the kernel writes proj's per-token e4m3 codes instead of its bf16 output
+    (`cross_attention_fp8`). Off by default: on an H100 the W8A8 FP8 step took 80.6 ms with it and 80.1 ms without
+    (docs/benchmarks.md, session 15).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -227,6 +229,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.core = "sdpa"  # or "math", "triton" (CROSS_ATTENTION_CORES); see `set_cross_attention`
+        self.fp8_output = False  # "triton": quantize proj's input in the kernel (`cross_attention_fp8`)
 
     def forward(self, x: torch.Tensor | QuantizedInput, cond: torch.Tensor,
                 cond_lens: list[int] | torch.Tensor | None) -> torch.Tensor:
@@ -244,7 +247,7 @@ class MultiHeadCrossAttention(nn.Module):
             kv = self.kv_linear(cond.reshape(1, batch * length, channels)).reshape(batch, length, 2 * channels)
             if self.core == "triton":
                 k, v = kv.chunk(2, dim=-1)  # [B, L, C] views
-                if fp8_output_reader(self.proj):  # the kernel writes proj's e4m3 codes, not the bf16 output
+                if self.fp8_output and fp8_output_reader(self.proj):  # the kernel writes proj's e4m3 codes
                     codes, scale = cross_attention_fp8(q, k, v, cond_lens, self.num_heads,
                                                        fast=self.proj.fast_act_quant(),
                                                        backend=self.proj.act_quant_backend())

@@ -3,7 +3,9 @@ PyTorch reference equals SDPA with and without a key mask; the custom op passes 
 torch.compile records; gradients fall back to the reference; a tiny STDiT on padded text with its cross-attention on
 "triton" gives the SDPA model's output, eager and compiled. The Triton kernel itself runs in a child process under
 Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is imported): it equals the reference in
-float32 and bfloat16 for ragged N, L not a power of two, masked keys, a strided q and k, v as halves of one tensor."""
+float32 and bfloat16 for ragged N, L not a power of two, masked keys, a strided q and k, v as halves of one tensor,
+head sizes that are and are not a power of two; its e4m3 form (`cross_attention_fp8_triton`) gives, bit for bit,
+the FP8 quantization kernel's codes of its own output."""
 import os
 
 import pytest
@@ -212,29 +214,27 @@ def test_triton_kernel_in_child(run_interpreter_child):
     """Runs the `interp` tests below in a child process under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the kernel directly (bench/check_int_kernels.py --only attn_cross)")
-    run_interpreter_child(__file__, CHILD_FLAG, passed=50)
+    run_interpreter_child(__file__, CHILD_FLAG, passed=32)
 
 
 @child_only
-@pytest.mark.parametrize("kernel", ca.KERNELS)
 @pytest.mark.parametrize("config", [(16, 4), (64, 4)])  # neither divides N = 70 or 33
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_interp_kernel_equals_reference(interpreter, kernel, config, shape, masked):
+def test_interp_kernel_equals_reference(interpreter, config, shape, masked):
     q, k, v, mask = inputs(*shape, masked=masked, seed=shape[1])
-    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=config, kernel=kernel)
+    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=config)
     assert out.shape == q.shape and out.is_contiguous() and out.dtype == torch.float32
     torch.testing.assert_close(out, ca.cross_attention_reference(q, k, v, mask, shape[3]), rtol=1e-5, atol=1e-5)
 
 
 @child_only
-@pytest.mark.parametrize("kernel", ca.KERNELS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_interp_kernel_bfloat16(interpreter, kernel, masked):
+def test_interp_kernel_bfloat16(interpreter, masked):
     """bf16 in and out; the kernel rounds the probabilities to bf16 before the product with v (relative error
     2^-9 per weight) and the output once: within 2e-2 of the float32 reference, relative to the output's scale."""
     q, k, v, mask = inputs(2, 70, 120, 2, 72, torch.bfloat16, masked=masked)
-    out = ca.cross_attention_triton(q, k, v, mask, 2, kernel=kernel)
+    out = ca.cross_attention_triton(q, k, v, mask, 2)
     assert out.dtype == torch.bfloat16
     reference = ca.cross_attention_reference(q, k, v, mask, 2).float()
     error = (out.float() - reference).abs().max() / reference.abs().max()
@@ -246,13 +246,13 @@ def test_interp_kernel_bfloat16(interpreter, kernel, masked):
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_interp_fp8_output_is_the_quantized_rows_output(interpreter, dtype, fast, shape):
-    """The fused e4m3 output equals the FP8 quantization kernel run on the rows kernel's output, bit for bit (same
+    """The fused e4m3 output equals the FP8 quantization kernel run on the kernel's bf16 output, bit for bit (same
     attention values, same quantization math), and dequantizes to within e4m3's rounding of the reference."""
     from qdiff.kernels.fp8_quant import quantize_fp8_per_token
 
     q, k, v, mask = inputs(*shape, dtype=dtype, seed=shape[2])
     codes, scale = ca.cross_attention_fp8_triton(q, k, v, mask, shape[3], fast=fast, config=(16, 4))
-    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=(16, 4), kernel="rows")
+    out = ca.cross_attention_triton(q, k, v, mask, shape[3], config=(16, 4))
     expected_codes, expected_scale = quantize_fp8_per_token(out.reshape(-1, out.shape[-1]), backend="triton",
                                                             fast=fast)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == (shape[0] * shape[1], shape[3] * shape[4])

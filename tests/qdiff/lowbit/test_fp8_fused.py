@@ -273,9 +273,9 @@ def test_stdit_compiles_with_fp8_kernel_op(mode, launches_per_block):
 @pytest.mark.parametrize("yaml,fused_blocks", [("configs/quant/w8a8_fp8.yaml", 2), ("configs/quant/w4a8_fp8.yaml", 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stdit_triton_cross_attention_writes_proj_codes(monkeypatch, yaml, fused_blocks, dtype):
-    """Cross-attention core "triton" with fusion on: the attention quantizes its output for an FP8 proj without
-    smoothing (`cross_attention_fp8`, one call per block; w4a8_fp8's proj divides by a smoothing scale: not fused).
-    CPU: the reference attention and quantization, so the output equals fusion off bit for bit."""
+    """Cross-attention core "triton" with fp8_output and fusion on: the attention quantizes its output for an FP8
+    proj without smoothing (`cross_attention_fp8`, one call per block; w4a8_fp8's proj divides by a smoothing scale:
+    not fused). CPU: the reference attention and quantization, so the output equals fusion off bit for bit."""
     import t2v.models.stdit as stdit
 
     _, model = model_helpers.calibrated(QuantConfig.from_yaml(yaml))
@@ -289,19 +289,24 @@ def test_stdit_triton_cross_attention_writes_proj_codes(monkeypatch, yaml, fused
     x, t, y, mask = model_helpers.inputs()
     with torch.no_grad():
         unfused = model(x, t, y, mask=mask)
-        assert not calls  # fusion is opt-in
         set_fusion(model, True)
+        assert torch.equal(model(x, t, y, mask=mask), unfused)
+        assert not calls  # fp8_output is opt-in
+        for block in model.blocks:
+            block.cross_attn.fp8_output = True
         out = model(x, t, y, mask=mask)
     assert calls == [dict(fast=False, backend="auto")] * fused_blocks
     assert torch.equal(out, unfused)
 
 
 def test_stdit_compiled_triton_cross_attention_records_the_fp8_op():
-    """Compiled with cross_attention="triton" and int_act_quant="fused": one cross_attention_fp8 op per block in
-    place of the cross-attention and proj's quantization (the fast flag on, as compiled fused layers quantize); the
-    output is the eager one (CPU: the references)."""
+    """Compiled with cross_attention="triton", fp8_output and int_act_quant="fused": one cross_attention_fp8 op per
+    block in place of the cross-attention and proj's quantization (the fast flag on, as compiled fused layers
+    quantize); the output is the eager one (CPU: the references)."""
     _, model = model_helpers.calibrated(QuantConfig.from_yaml("configs/quant/w8a8_fp8.yaml"))
     convert_to_int(model)
+    for block in model.blocks:
+        block.cross_attn.fp8_output = True
     eager, compiled, graphs = sibling("test_lowbit_compile").compiled_vs_eager(model, int_act_quant="fused",
                                                                                 cross_attention="triton")
     assert len(graphs) == 1
