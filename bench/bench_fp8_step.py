@@ -13,8 +13,9 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast compiled        with --fast, after the model's plain rows: q, k and v merged into one linear
                                 (t2v.models.stdit.merge_qkv; layers that cannot merge stay), the Triton temporal
                                 attention (compile_blocks(temporal_attention="short_triton")), the Triton
-                                cross-attention (cross_attention="triton") and the fused activation quantization (compile_model(int_act_quant="fused"): the
-                                producer LayerNorm + modulate or GELU inside the FP8 quantization kernel)
+                                cross-attention (cross_attention="triton", since session 15) and the fused activation
+                                quantization (compile_model(int_act_quant="fused"): the producer LayerNorm + modulate
+                                or GELU inside the FP8 quantization kernel)
   <model>, fast, permuted temporal  with --fast --permuted_temporal: the fast rows with the temporal attention on
                                 permuted [B*S, T, C] copies (Attention.frame_major off), the layout before session 12;
                                 the fast rows themselves run it frame-major ([B, T, S, C] views, no copies)

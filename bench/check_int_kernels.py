@@ -580,7 +580,8 @@ def run_variant(variant: tuple) -> tuple[str, str, str, float]:
             return name, "SKIP", "autotuning needs a GPU", 0.0
     try:
         detail = {"act": check_act, "proj": check_proj, "gemm": check_gemm, "model": check_model,
-                  "compiled": check_compiled, "attn": check_attn, "cross": check_cross, "cross_fp8": check_cross_fp8, "fp8": check_fp8,
+                  "compiled": check_compiled, "attn": check_attn, "cross": check_cross, "cross_fp8": check_cross_fp8,
+                  "fp8": check_fp8,
                   "tuned_act": lambda p: check_act(p, tuned=True), "tuned_proj": lambda p: check_proj(p, tuned=True),
                   "tuned_gemm": lambda p: check_gemm(p, tuned=True),
                   "tuned_fp8": lambda p: check_fp8(p, tuned=True)}[kind](params)

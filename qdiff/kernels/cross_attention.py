@@ -141,7 +141,8 @@ def cross_attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     `cross_attention_triton` (the same values, bit for bit). fast: the quantization's one reciprocal per row instead
     of a division per element (`qdiff.kernels.fp8_quant`). On an H100 at XL/2's shape this took 0.163 ms against
     0.115 ms for the kernel alone plus about 0.04 ms for the separate quantization kernel, and the W8A8 FP8 step 80.6
-    against 80.1 ms (docs/benchmarks.md, session 15): STDiT uses it only when asked (`MultiHeadCrossAttention.fp8_output`)."""
+    against 80.1 ms (docs/benchmarks.md, session 15): STDiT uses it only when asked
+    (`MultiHeadCrossAttention.fp8_output`)."""
     return _launch(q, k, v, key_mask, num_heads, config, fast=bool(fast))
 
 
