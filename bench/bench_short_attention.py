@@ -21,7 +21,6 @@ one run only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import attention_table, cuda_time, environment  # noqa: E402
+from bench.common import (attention_table, environment, time_attention_variants,  # noqa: E402
+                          write_attention_report)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -102,8 +102,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_short_attention times GPU kernels: no CUDA device here", file=sys.stderr)
         return 2
-    import triton.testing
-
     from qdiff.kernels.short_attention import short_attention_reference
 
     dtype = DTYPES[args.dtype]
@@ -115,31 +113,9 @@ def main(argv=None) -> int:
     results = {**environment(), "shape": {"rows": args.rows, "seq": args.seq, "heads": args.heads,
                                           "head_dim": args.head_dim, "dtype": args.dtype,
                                           "MB_moved": bytes_moved / 1e6}, "rows": []}
-    for label, fn in variants(args.heads, args.configs):
-        row = {"variant": label}
-        try:
-            with torch.no_grad():
-                out = fn(q, k, v)  # compiles / JIT-builds outside the timed region and the graph capture
-                torch.cuda.synchronize()
-                row["max_abs_error"] = float((out.float() - reference).abs().max())
-                del out
-                row["ms"] = float(triton.testing.do_bench_cudagraph(lambda: fn(q, k, v), rep=200))
-                row["events_ms"] = cuda_time(lambda: fn(q, k, v), args.iters, 5)
-            row["gbps"] = bytes_moved / row["ms"] / 1e6
-            print(f"{label}: {row['ms']:.3f} ms ({row['gbps']:.0f} GB/s), events {row['events_ms']:.3f} ms, "
-                  f"max abs error {row['max_abs_error']:.1e}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the rest
-            row["error"] = repr(exc)[:300]
-            print(f"{label}: FAILED {exc!r}", flush=True)
-        results["rows"].append(row)
-        torch.cuda.empty_cache()
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(markdown(results))
-    out_path.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    print(markdown(results))
-    return 0 if all("error" not in row for row in results["rows"] if not row["variant"].startswith("sdpa ")) else 1
-
+    results["rows"] = time_attention_variants(variants(args.heads, args.configs), (q, k, v), reference,
+                                              bytes_moved, args.iters)
+    return write_attention_report(args.out, results, markdown)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -126,3 +126,46 @@ def attention_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['gbps']:.0f} | {row['events_ms']:.3f} | "
                      f"{row['max_abs_error']:.1e} |")
     return lines
+
+
+def time_attention_variants(variants, inputs: tuple, reference: torch.Tensor, bytes_moved: int,
+                            iters: int) -> list[dict]:
+    """One row per (label, fn) of `variants`, fn(*inputs) -> output like `reference` (or (codes, per-row scale),
+    compared dequantized): max |error| vs `reference`, device ms of one CUDA graph (`do_bench_cudagraph`), eager
+    CUDA-event ms and GB/s for `bytes_moved`; a variant that raises gets its error and the rest go on
+    (bench_short_attention, bench_cross_attention)."""
+    import triton.testing
+
+    rows = []
+    for label, fn in variants:
+        row = {"variant": label}
+        try:
+            with torch.no_grad():
+                out = fn(*inputs)  # compiles / JIT-builds outside the timed region and the graph capture
+                if isinstance(out, tuple):  # e4m3 codes and per-token scales
+                    out = (out[0].float() * out[1]).reshape(reference.shape)
+                torch.cuda.synchronize()
+                row["max_abs_error"] = float((out.float() - reference).abs().max())
+                del out
+                row["ms"] = float(triton.testing.do_bench_cudagraph(lambda: fn(*inputs), rep=200))
+                row["events_ms"] = cuda_time(lambda: fn(*inputs), iters, 5)
+            row["gbps"] = bytes_moved / row["ms"] / 1e6
+            print(f"{label}: {row['ms']:.3f} ms ({row['gbps']:.0f} GB/s), events {row['events_ms']:.3f} ms, "
+                  f"max abs error {row['max_abs_error']:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the rest
+            row["error"] = repr(exc)[:300]
+            print(f"{label}: FAILED {exc!r}", flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def write_attention_report(out: str, results: dict, markdown) -> int:
+    """Write markdown(results) to `out` and the JSON beside it (.json), print the markdown; exit code 0 unless a
+    variant other than a forced SDPA backend failed."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(markdown(results))
+    out_path.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print(markdown(results))
+    return 0 if all("error" not in row for row in results["rows"] if not row["variant"].startswith("sdpa ")) else 1
