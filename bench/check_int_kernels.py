@@ -369,11 +369,16 @@ def check_attn(params: dict) -> str:
         reference = short_attention_reference(q, k, v, heads).float()  # float32 math on the CPU
         dev = qkv.to(device).split(channels, dim=-1)
         out = short_attention_triton(*dev, heads, config=params["config"])
-        assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
-        error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
-        assert error <= bound, f"N={seq} d={head_dim}: max error {error:.2e} of max |out| (bound {bound})"
-        lines.append(f"N={seq} d={head_dim}: {error:.1e}")
+        lines.append(_attention_error(out, reference, q, bound, f"N={seq} d={head_dim}"))
     return "max error / max |out|: " + ", ".join(lines)
+
+
+def _attention_error(out, reference, q, bound: float, label: str) -> str:
+    """'label: error' for an attention kernel's output: q's dtype and shape, max error ≤ bound · max |reference|."""
+    assert out.dtype == q.dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
+    error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
+    assert error <= bound, f"{label}: max error {error:.2e} of max |out| (bound {bound})"
+    return f"{label}: {error:.1e}"
 
 
 def _cross_inputs(dtype, gen, device):
@@ -421,10 +426,8 @@ def check_cross(params: dict) -> str:
         queries, keys = q.shape[1], k.shape[1]
         reference = cross_attention_reference(q, k, v, mask, heads).float()  # float32 math on the CPU
         out = cross_attention_triton(*on_device, heads, config=params["config"])
-        assert out.dtype == dtype and out.shape == q.shape, (out.dtype, tuple(out.shape))
-        error = float((out.cpu().float() - reference).abs().max() / reference.abs().max())
-        assert error <= bound, f"N={queries} L={keys}: max error {error:.2e} of max |out| (bound {bound})"
-        lines.append(f"N={queries} L={keys}{'' if mask is None else ' masked'}: {error:.1e}")
+        label = f"N={queries} L={keys}{'' if mask is None else ' masked'}"
+        lines.append(_attention_error(out, reference, q, bound, label))
     return "max error / max |out|: " + ", ".join(lines)
 
 
