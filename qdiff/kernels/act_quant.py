@@ -243,8 +243,8 @@ def kernel_inputs(x: torch.Tensor, smooth_scale: torch.Tensor | None, producer, 
 
 def residual_inputs(x: torch.Tensor, residual: Residual | None, caller: str) -> tuple:
     """Check and lay out the residual step's inputs for x [M, K] (as `kernel_inputs` returns it): (y [M, K] with
-    unit column stride, gate [B, K] with unit column stride (rows read in place), s: the new residual stream [M, K] to write, gate rows_per_sample,
-    gate row stride, RESIDUAL kind, table [T, K] contiguous, table rows_per_frame, T (0: no table)); without a
+    unit column stride, gate [B, K] with unit column stride (rows read in place), s: the new residual stream [M, K]
+    to write, gate rows_per_sample, gate row stride, RESIDUAL kind, table [T, K] contiguous, table rows_per_frame, T (0: no table)); without a
     residual (or gate, or table) x stands in for the unused pointers."""
     if residual is None:
         return x, x, x, 1, 0, NO_RESIDUAL, x, 1, 0

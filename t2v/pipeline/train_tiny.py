@@ -422,7 +422,8 @@ def mse_weights(cfg: TrainConfig, diffusion: IDDPM, index: torch.Tensor, floor: 
 
 
 def batch_loss(cfg: TrainConfig, module: TinyT2V, diffusion: IDDPM, videos: torch.Tensor, index: torch.Tensor,
-               ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ids: torch.Tensor, mask: torch.Tensor,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(optimised loss, mean MSE, mean VLB term) of one batch, 0-dim each: the part of a step that
     `--compile_scope loss` compiles. videos [B, 3, T, H, W], index int64 [B], ids / mask [B, L], weights float32 [B]
     (`mse_weights`: an input rather than computed inside, so that an annealed floor does not recompile)."""
