@@ -34,10 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import (attention_table, environment, time_attention_variants,  # noqa: E402
+from bench.common import (DTYPES, attention_table, environment, time_attention_variants,  # noqa: E402
                           write_attention_report)
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def variants(heads: int, all_configs: bool) -> list[tuple[str, object]]:

@@ -128,6 +128,9 @@ def attention_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the attention benches' --dtype
+
+
 def time_attention_variants(variants, inputs: tuple, reference: torch.Tensor, bytes_moved: int,
                             iters: int) -> list[dict]:
     """One row per (label, fn) of `variants`, fn(*inputs) -> output like `reference` (or (codes, per-row scale),
