@@ -26,6 +26,8 @@ Variants (rows of the step table; each in its own try/except, an error is printe
                                 block's norm1 quantization)
   <model>, fast, cross-attention writes e4m3  with --fast --cross_fp8_output: the Triton cross-attention quantizes
                                 its output for an FP8 proj itself (MultiHeadCrossAttention.fp8_output)
+  <model>, fast, exact tanh     with --fast --exact_tanh_rows: the fast rows with GELU computed as v / (1 + exp(−2u))
+                                in the fused FP8 kernel instead of with the GPU's tanh.approx (before session 16)
   <model>, fast, SDPA cross-attention  with --fast --sdpa_cross: the fast rows with the cross-attention on SDPA
                                 (cuDNN) and proj quantizing its own input, as before session 15
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
@@ -96,6 +98,12 @@ def parse_args(argv=None):
                    help="with --fast: also time the fast rows with the cross-attention writing proj's e4m3 codes")
     p.add_argument("--sdpa_cross", action="store_true",
                    help="with --fast: also time the fast rows with the cross-attention on SDPA (before session 15)")
+    p.add_argument("--exact_tanh_rows", action="store_true",
+                   help="with --fast: also the fast rows with GELU's exact tanh formula in the fused FP8 kernel "
+                        "(qdiff.kernels.fused_producers.HARDWARE_TANH off), as before session 16")
+    p.add_argument("--cublaslt_workspace", choices=("default", "none"), default="default",
+                   help="none: no cuBLASLt workspace for the whole process, the anchor included (qdiff.blas; "
+                        "statically scheduled GEMMs without memsets); set before the first GEMM")
     p.add_argument("--fast_accum", action="store_true", help="torch._scaled_mm's use_fast_accum in every FP8 layer")
     p.add_argument("--fast_accum_rows", action="store_true",
                    help="with --fast: also the fast rows with torch._scaled_mm's use_fast_accum, side by side")
@@ -171,6 +179,7 @@ def markdown(results: dict) -> str:
     lines = [f"# FP8 STDiT-XL/2 step (16x512x512, CFG batch 2, {results.get('depth', 28)} blocks) — "
              f"{results['device']}, torch {results['torch']}, {results['date']}", "",
              f"torch._scaled_mm accepts (row-wise scales, bias): {results.get('scaled_mm', {})}", "",
+             f"cuBLASLt workspace: {results.get('cublaslt_workspace', 'torch default')}", "",
              "| variant | ms / step | × anchor (speed-up) | × bf16 compiled (speed-up) | peak GiB | "
              "DiT weight MB (persistent) | resident MB | × bf16 bytes | first call s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -229,10 +238,16 @@ def main(argv=None) -> int:
     from qdiff.lowbit import convert_to_int, fp8_layers, scaled_mm_supported
     from t2v.models.stdit import merge_qkv
 
+    workspace = "torch's default"
+    if args.cublaslt_workspace == "none":  # before any GEMM: torch < 2.13 reads it once
+        from qdiff.blas import drop_cublaslt_workspace
+
+        workspace = f"none (set at {drop_cublaslt_workspace()}), for every GEMM of the process, the anchor's too"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results: dict = {**environment(), "depth": args.depth, "steps": {}, "numerics": {}, "breakdown": {}, "errors": []}
+    results: dict = {**environment(), "depth": args.depth, "steps": {}, "numerics": {}, "breakdown": {}, "errors": [],
+                     "cublaslt_workspace": workspace}
     previous = out_dir / "fp8_step.json"
     if args.merge and previous.is_file():
         old = json.loads(previous.read_text())
@@ -333,6 +348,14 @@ def main(argv=None) -> int:
             finally:
                 for block in model.blocks:
                     block.cross_attn.fp8_output = False
+        if args.exact_tanh_rows:
+            from qdiff.kernels import fused_producers
+
+            fused_producers.HARDWARE_TANH = False
+            try:
+                run_variants(f"{name} fast, exact tanh", model, reference, {}, **FAST)
+            finally:
+                fused_producers.HARDWARE_TANH = True
         if args.sdpa_cross:
             cross = {}
             run_variants(f"{name} fast, SDPA cross-attention", model, reference, cross,

@@ -139,6 +139,10 @@ def variants() -> list[tuple]:
                 out.append((f"act_{name}_{dtype}_{tile}", "act",
                             dict(producer=producer, smooth=smooth, static=static, symmetric=symmetric, r_out=r_out,
                                  frames=frames, dtype=dtype, tile=tile)))
+                if producer == "gelu_tanh" and dtype == "bfloat16" and not static:  # fast: the hardware tanh (CUDA)
+                    out.append((f"act_{name}_{dtype}_fast_{tile}", "act",
+                                dict(producer=producer, smooth=smooth, static=static, symmetric=symmetric,
+                                     r_out=r_out, frames=frames, dtype=dtype, tile=tile, fast=True)))
     for producer, smooth in FP8_VARIANTS:
         for dtype, fast in (("bfloat16", False), ("float32", False), ("bfloat16", True)):
             for tile in FP8_TILES:
@@ -241,8 +245,12 @@ def _compare_residual(s, x, residual) -> None:
     assert torch.equal(s.cpu(), residual.apply(x)), "the written residual stream differs"
 
 
-def _compare_codes(kernel, reference, exact: bool) -> str:
-    """Raises AssertionError on a mismatch; returns the numbers for the report line."""
+def _compare_codes(kernel, reference, exact: bool, post_a=None, frame_factor=None) -> str:
+    """Raises AssertionError on a mismatch; returns the numbers for the report line. Not exact: codes may move by one
+    step, and each moved code moves the TQE projection by f_m·Δ_m·|A_out[j, k]|: the projection of the moves with
+    |A_out| bounds its difference (plus 1e-4 of its largest value)."""
+    from qdiff.kernels.act_quant import project_codes_reference
+
     kernel = _cpu(kernel)
     diff = (kernel.codes.int() - reference.codes.int()).abs()
     moved = float((diff > 0).float().mean())
@@ -256,8 +264,14 @@ def _compare_codes(kernel, reference, exact: bool) -> str:
         assert ((kernel.rowsum - reference.rowsum).abs() <= diff.sum(1)).all(), "row sums differ"
     proj_err = 0.0
     if reference.proj is not None:
-        proj_err = float((kernel.proj - reference.proj).abs().max() / reference.proj.abs().max().clamp(min=1e-12))
-        assert proj_err < 1e-4, f"TQE projection rel err {proj_err:.2e}"
+        largest = reference.proj.abs().max().clamp(min=1e-12)
+        error = (kernel.proj - reference.proj).abs()
+        slack = 0.0
+        if not exact:
+            moves = reference._replace(codes=diff, zero=torch.zeros_like(reference.zero))
+            slack = project_codes_reference(moves, post_a.abs(), None if frame_factor is None else frame_factor.abs())
+        proj_err = float(error.max() / largest)
+        assert (error <= slack + 1e-4 * largest).all(), f"TQE projection rel err {proj_err:.2e} beyond the moves' bound"
     return f"codes moved {moved:.2e}, proj rel err {proj_err:.1e}"
 
 
@@ -291,11 +305,13 @@ def check_act(params: dict, tuned: bool = False) -> str:
             producer = producer._replace(shift=producer.shift.to(device), scale=producer.scale.to(device))
         config = None if tuned else ACT_TILES[params["tile"]]
         kernel = quantize_per_token_triton(x.to(device), bits, symmetric, **on_device, producer=producer, config=config,
-                                           residual=_residual_on(residual, device))
+                                           residual=_residual_on(residual, device), fast=params.get("fast", False))
         if residual is not None:
             kernel, s = kernel
             _compare_residual(s, x, residual)
-        lines.append(f"{rows}x{cols} A{bits}: " + _compare_codes(kernel, reference, exact=producer is None))
+        exact = producer is None and not params.get("fast")
+        lines.append(f"{rows}x{cols} A{bits}: " + _compare_codes(kernel, reference, exact, kwargs.get("post_a"),
+                                                                 kwargs.get("frame_factor")))
     return "; ".join(lines)
 
 

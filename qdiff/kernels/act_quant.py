@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 
 from qdiff.kernels import ops as _ops  # the custom ops that torch.compile records (qdiff/kernels/ops.py)
-from qdiff.kernels.fused_producers import NO_RESIDUAL, NONE, GeluTanh, LayerNormModulate, Residual, producer_args
+from qdiff.kernels.fused_producers import (NO_RESIDUAL, NONE, GeluTanh, LayerNormModulate, Residual, hardware_tanh,
+                                          producer_args)
 
 MIN_DELTA = 1e-6  # the activation quantizers' per-row floor on Δ
 
@@ -296,9 +297,10 @@ def quantize_per_token_triton(
 
     config: (ROWS, BLOCK_K, num_warps) to skip autotuning (the interpreter always needs one).
     fast: the GPU's approximate float32 division (x·(1/Δ) per row, GELU and smoothing with `/`) instead of IEEE
-    division: fewer instructions per element, but a code may differ from the reference's by one step where x/Δ
-    lies within an ulp of a rounding tie (the compiled torch path has the same property, see
-    `quantize_per_token_torch`). Under the interpreter both are exact.
+    division, and on NVIDIA GPUs GELU's tanh from `tanh.approx.f32` (`fused_producers.hardware_tanh`): fewer
+    instructions per element, but a code may differ from the reference's by one step where x/Δ lies within an ulp
+    of a rounding tie (the compiled torch path has the same property, see `quantize_per_token_torch`). Under the
+    interpreter both are exact.
     """
     import triton
 
@@ -335,7 +337,7 @@ def quantize_per_token_triton(
     flags = dict(SMOOTH=smooth is not None, STATIC=static is not None, SYMMETRIC=symmetric, R_OUT=kernel_rank,
                  FRAMES=frames is not None and kernel_rank > 0,
                  PRODUCER=NONE if producer is None else producer.kind, FAST=bool(fast), RESIDUAL=residual_kind,
-                 TABLE=frames_in_table > 0)
+                 TABLE=frames_in_table > 0, HW_TANH=hardware_tanh(x.device, fast))
     # LayerNorm + modulate, and the residual step: no fma contraction. With it, LLVM fuses the modulation's bf16
     # multiply and add into one fma.rn.bf16 on sm_90, skipping the eager rounding of the product: 15-19% of the codes
     # moved on an H100 (the gate's product and the residual sum likewise)

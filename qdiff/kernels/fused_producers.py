@@ -87,6 +87,18 @@ class GeluTanh(NamedTuple):
         return F.gelu(x, approximate="tanh")
 
 
+# `fast` kernels compute GELU's tanh with the GPU's one-instruction `tanh.approx.f32` (NVIDIA, sm_75+) where it runs;
+# False keeps the exact formula v / (1 + exp(−2u)) in fast mode too (read at each launch: a switch for benchmarks)
+HARDWARE_TANH = True
+
+
+def hardware_tanh(device: torch.device, fast: bool) -> bool:
+    """Whether a fast kernel on `device` computes GELU's tanh with `tanh.approx.f32`: CUDA (not ROCm, not the CPU
+    interpreter) on sm_75 or newer, and `HARDWARE_TANH` on."""
+    return (bool(fast) and HARDWARE_TANH and device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (7, 5))
+
+
 def producer_args(producer: LayerNormModulate | GeluTanh | None) -> tuple:
     """The custom ops' flat form of a producer: (kind, shift, scale, rows_per_sample, eps); tensors None unless
     LayerNorm + modulate."""

@@ -81,6 +81,7 @@ def fp8_act_quant_kernel(
     table_rows_per_frame, table_frames,
     SMOOTH: tl.constexpr, PRODUCER: tl.constexpr, ONE_CHUNK: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr, FAST: tl.constexpr, RESIDUAL: tl.constexpr, TAIL_K: tl.constexpr, TABLE: tl.constexpr,
+    HW_TANH: tl.constexpr,
 ):
     """ONE_CHUNK (K ≤ BLOCK_K + TAIL_K): the row is read once, as one BLOCK_K piece and, TAIL_K > 0, a TAIL_K piece
     after it (`tail_width`). Else two passes over K in chunks (the re-read hits L2), after the LayerNorm moments when
@@ -113,11 +114,11 @@ def fp8_act_quant_kernel(
             else:
                 mean, rstd = _chunk_moments(x, valid, K, eps)
         v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
-                     PRODUCER, FAST)
+                     PRODUCER, FAST, HW_TANH)
         absmax = tl.max(tl.abs(v), axis=1)
         if TAIL_K > 0:
             v_tail = _produce(x_tail, tail_valid, tail_cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod,
-                              mean, rstd, SMOOTH, PRODUCER, FAST)
+                              mean, rstd, SMOOTH, PRODUCER, FAST, HW_TANH)
             absmax = tl.maximum(absmax, tl.max(tl.abs(v_tail), axis=1))
         scale = _row_scale(absmax)
         _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
@@ -135,7 +136,7 @@ def fp8_act_quant_kernel(
             x = _load_input(x_ptr, y_ptr, gate_ptr, rows, cols, valid, stride_xm, stride_ym, gate_row, RESIDUAL)
             x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
-                         PRODUCER, FAST)
+                         PRODUCER, FAST, HW_TANH)
             peak = tl.maximum(peak, tl.abs(v))
         scale = _row_scale(tl.max(peak, axis=1))
         for k0 in range(0, K, BLOCK_K):
@@ -145,7 +146,7 @@ def fp8_act_quant_kernel(
             _store_residual(x, out_ptr, rows, cols, valid, stride_om, RESIDUAL)  # the last pass writes s, once
             x = _add_table(x, table_ptr, rows, cols, valid, K, table_rows_per_frame, table_frames, TABLE)
             v = _produce(x, valid, cols, K, s_ptr, shift_ptr, mscale_ptr, sample, stride_mod, mean, rstd, SMOOTH,
-                         PRODUCER, FAST)
+                         PRODUCER, FAST, HW_TANH)
             _store_codes(v, valid, rows, cols, scale, codes_ptr, stride_cm, FAST)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
@@ -162,6 +163,7 @@ def _whole_row(meta) -> bool:
 # K = 4608 as 4096 + 512
 FP8_AUTOTUNE_CONFIGS = AUTOTUNE_CONFIGS + ((4, 1024, 4), (8, 1024, 8), (1, 4096, 4), (2, 4096, 8))
 configs = [triton.Config({"ROWS": r, "BLOCK_K": b}, num_warps=w) for r, b, w in FP8_AUTOTUNE_CONFIGS]
-fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL", "TABLE"],
+fp8_act_quant_tuned = triton.autotune(configs=configs, key=["K", "SMOOTH", "PRODUCER", "FAST", "RESIDUAL", "TABLE",
+                                                                     "HW_TANH"],
                                       prune_configs_by={"early_config_prune": prune_configs})(
     triton.heuristics({"TAIL_K": _tail_k, "ONE_CHUNK": _whole_row})(fp8_act_quant_kernel))

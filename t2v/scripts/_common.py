@@ -31,9 +31,10 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "and layout work and the integer layers' activation quantization; the first step compiles "
                         "(minutes)")
     p.add_argument("--fast", action="store_true",
-                   help="the fastest settings measured on an H100 (docs/benchmarks.md, sessions 12-15): --compile "
+                   help="the fastest settings measured on an H100 (docs/benchmarks.md, sessions 12-16): --compile "
                         "--cuda_graph --merge_qkv --temporal_attention short_triton --cross_attention triton "
-                        "--int_act_quant fused --fast_accum (the last two for --hardware layers); flags given "
+                        "--int_act_quant fused --fast_accum (the last two for --hardware layers) "
+                        "--cublaslt_workspace none; flags given "
                         "explicitly win; needs a CUDA GPU")
     p.add_argument("--fast_accum", action=argparse.BooleanOptionalAction, default=None,
                    help="with --hardware FP8 layers: torch._scaled_mm's use_fast_accum, Hopper's FP8 accumulation "
@@ -52,6 +53,10 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
                    help="with --compile: the cross-attention's core (t2v.models.stdit.set_cross_attention). sdpa "
                         "(default); math; triton: our Triton kernel, 0.115 ms per call against 0.143 ms for cuDNN "
                         "on an H100 (docs/benchmarks.md)")
+    p.add_argument("--cublaslt_workspace", choices=("default", "none"), default=None,
+                   help="none: give cuBLASLt no workspace (qdiff.blas), so its GEMMs run statically scheduled "
+                        "kernels with no memset before each (the W8A8 FP8 --fast step's GEMMs 36.6 -> 35.1 ms on "
+                        "an H100); process-wide, set before the first GEMM; default: torch's (none with --fast)")
     p.add_argument("--merge_qkv", action="store_true",
                    help="merge q, k and v of each self-attention into one linear (t2v.models.stdit.merge_qkv): one "
                         "activation quantization and one wider GEMM; attentions whose layers cannot merge (TQE post "
@@ -64,19 +69,25 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 # speed flags with a default that --fast changes: (default, with --fast)
 SPEED_DEFAULTS = {"temporal_attention": ("math", "short_triton"), "cross_attention": ("sdpa", "triton"),
-                  "int_act_quant": ("torch", "fused"), "fast_accum": (False, True)}
+                  "int_act_quant": ("torch", "fused"), "fast_accum": (False, True),
+                  "cublaslt_workspace": ("default", "none")}
 
 
 def resolve_speed_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the speed flags left unset: their defaults, or with --fast the fastest measured settings (--compile,
     --cuda_graph, --merge_qkv, the Triton temporal and cross attention, fused activation quantization, FP8 fast
-    accumulation). Flags given explicitly keep their values. Returns args."""
+    accumulation, no cuBLASLt workspace). Flags given explicitly keep their values. `--cublaslt_workspace none` takes
+    effect here, before any GEMM runs (`qdiff.blas`). Returns args."""
     fast = getattr(args, "fast", False)
     for name, (default, fastest) in SPEED_DEFAULTS.items():
         if getattr(args, name, None) is None:
             setattr(args, name, fastest if fast else default)
     if fast:
         args.compile = args.cuda_graph = args.merge_qkv = True
+    if getattr(args, "cublaslt_workspace", "default") == "none":
+        from qdiff.blas import drop_cublaslt_workspace
+
+        logging.getLogger("t2v").info("--cublaslt_workspace none: set at %s", drop_cublaslt_workspace())
     return args
 
 

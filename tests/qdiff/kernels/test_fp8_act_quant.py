@@ -108,6 +108,26 @@ def test_dispatch():
         quantize_fp8_per_token(x, backend="cuda")
 
 
+@parent_only
+def test_hardware_tanh_only_for_fast_kernels_on_nvidia_gpus(monkeypatch):
+    from qdiff.kernels import fused_producers
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert fused_producers.hardware_tanh(cuda, fast=True)
+    assert not fused_producers.hardware_tanh(cuda, fast=False)  # exact mode keeps the exact formula
+    assert not fused_producers.hardware_tanh(torch.device("cpu"), fast=True)  # the interpreter cannot run PTX
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert not fused_producers.hardware_tanh(cuda, fast=True)  # tanh.approx.f32 needs sm_75
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not fused_producers.hardware_tanh(cuda, fast=True)  # ROCm: no PTX
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(fused_producers, "HARDWARE_TANH", False)  # the benchmarks' switch
+    assert not fused_producers.hardware_tanh(cuda, fast=True)
+
+
 def op_args(backend="auto", gen_seed=1):
     gen = torch.Generator().manual_seed(gen_seed)
     ln = producer("layernorm_modulate", 10, 16, torch.float32)

@@ -135,7 +135,8 @@ def test_cuda_graph_flag_errors(calib_dir, tmp_path, capsys):
     assert pipe.runner is None
 
 
-def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win():
+def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win(monkeypatch):
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "0")  # --fast sets it (qdiff.blas): restored after the test
     base = [CONFIG, "--calib_dir", "unused"]
     plain = quant_inference.parse_args(base)
     assert (plain.compile, plain.cuda_graph, plain.merge_qkv) == (False, False, False)
@@ -144,6 +145,7 @@ def test_fast_fills_in_the_fastest_settings_and_explicit_flags_win():
     assert (fast.compile, fast.cuda_graph, fast.merge_qkv) == (True, True, True)
     assert (fast.temporal_attention, fast.int_act_quant, fast.fast_accum) == ("short_triton", "fused", True)
     assert (plain.cross_attention, fast.cross_attention) == ("sdpa", "triton")
+    assert (plain.cublaslt_workspace, fast.cublaslt_workspace) == ("default", "none")
     mixed = quant_inference.parse_args([*base, "--fast", "--temporal_attention", "sdpa", "--int_act_quant", "kernel",
                                         "--no-fast_accum"])
     assert (mixed.temporal_attention, mixed.int_act_quant, mixed.compile) == ("sdpa", "kernel", True)
