@@ -33,6 +33,7 @@ Variants (rows of the step table; each in its own try/except, an error is printe
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
                                 use_fast_accum (Hopper's FP8 accumulation without periodic promotion)
   anchor                        the bare bf16 block stack of --anchor (anchor_block_stack.py) ×depth, eager, timed first
+                                (the × anchor column) and again after the models (its drift within the process)
   <variant> eager               with --eager
   w4a8_fp8 compiled, cached     with --cache_w4: the e4m3 copy of the integer codes kept in memory (no unpacking)
 Reported (markdown + JSON in --out): ms per step (median of CUDA-event timings after warm-up), peak GiB, DiT weight
@@ -190,8 +191,9 @@ def markdown(results: dict) -> str:
         if "ms" not in row:
             lines.append(f"| {name} | error: {row.get('error', '?')} | | | | | | | |")
             continue
-        if "weight_bytes" not in row:  # the anchor: a time only
-            lines.append(f"| {name} | {row['ms']:.1f} | 1.00 | {_ratio(base.get('ms'), row['ms'])} | | | | | |")
+        if "weight_bytes" not in row:  # the anchor (timed first, and again after the models): a time only
+            lines.append(f"| {name} | {row['ms']:.1f} | {_ratio(anchor_ms, row['ms'])} | "
+                         f"{_ratio(base.get('ms'), row['ms'])} | | | | | |")
             continue
         ratio = f"{row['weight_bytes'] / base['weight_bytes']:.3f}" if base.get("weight_bytes") else "–"
         lines.append(f"| {name} | {row['ms']:.1f} | {_ratio(anchor_ms, row['ms'])} | {_ratio(base.get('ms'), row['ms'])} "
@@ -454,6 +456,17 @@ def main(argv=None) -> int:
         release()
         save()
     del base
+
+    if "anchor" in results:  # the anchor again, after the models: how much its time drifts within the process
+        try:
+            block_ms = anchor_block_ms(load_anchor(Path(args.anchor)))
+            results["anchor"]["step_ms_after"] = block_ms * args.depth
+            results["steps"]["anchor again, after the models"] = {"ms": block_ms * args.depth}
+            print(f"anchor again: {block_ms * args.depth:.1f} ms per step", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            run_errors.append(f"anchor again: {exc!r}"[:600])
+        release()
+        save()
 
     if not args.no_gemm_table:
         try:
