@@ -1,7 +1,7 @@
 """cuBLASLt's workspace: with none, its GEMMs (FP8 `torch._scaled_mm` and bf16 `F.linear` alike) run statically
 scheduled kernels instead of the dynamically scheduled ones that need a zeroed counter, so no memset precedes each
-GEMM. On an H100 (torch 2.11, cuBLAS 13) that made one STDiT block's eight FP8 GEMMs at M = 32768 1.6% faster and
-removed their eight memsets (docs/benchmarks.md, session 16).
+GEMM. On an H100 (torch 2.11, CUDA 13) one STDiT block's eight FP8 GEMMs at M = 32768 ran 1.5–5% faster that way,
+without their eight memsets; the bf16 GEMMs did not change measurably (docs/benchmarks.md, session 16).
 
 The setting is process-wide. torch ≥ 2.13 sets it at run time (`torch.backends.cuda.cublaslt_workspace_size`: GEMMs
 launched or captured afterwards use it); older torch reads the CUBLASLT_WORKSPACE_SIZE environment variable (KiB) once,
