@@ -12,6 +12,7 @@ eager ops' float32 math and their rounding to x's dtype after each op (bf16 mode
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -94,9 +95,15 @@ HARDWARE_TANH = True
 
 def hardware_tanh(device: torch.device, fast: bool) -> bool:
     """Whether a fast kernel on `device` computes GELU's tanh with `tanh.approx.f32`: CUDA (not ROCm, not the CPU
-    interpreter) on sm_75 or newer, and `HARDWARE_TANH` on."""
+    interpreter) on sm_75 or newer, and `HARDWARE_TANH` on. Called at every launch: the device query is cached."""
     return (bool(fast) and HARDWARE_TANH and device.type == "cuda" and torch.version.hip is None
-            and torch.cuda.get_device_capability(device) >= (7, 5))
+            and _runs_tanh_approx(device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_tanh_approx(index: int | None) -> bool:
+    """Whether CUDA device `index` (None: the current one) is sm_75 or newer."""
+    return torch.cuda.get_device_capability(index) >= (7, 5)
 
 
 def producer_args(producer: LayerNormModulate | GeluTanh | None) -> tuple:

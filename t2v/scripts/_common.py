@@ -56,7 +56,7 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cublaslt_workspace", choices=("default", "none"), default=None,
                    help="none: give cuBLASLt no workspace (qdiff.blas), so its GEMMs run statically scheduled "
                         "kernels with no memset before each (the W8A8 FP8 --fast step's GEMMs 36.6 -> 35.1 ms on "
-                        "an H100); process-wide, set before the first GEMM; default: torch's (none with --fast)")
+                        "an H100, two processes); process-wide, set before the first GEMM; default: torch's (none with --fast)")
     p.add_argument("--merge_qkv", action="store_true",
                    help="merge q, k and v of each self-attention into one linear (t2v.models.stdit.merge_qkv): one "
                         "activation quantization and one wider GEMM; attentions whose layers cannot merge (TQE post "

@@ -113,19 +113,24 @@ def test_hardware_tanh_only_for_fast_kernels_on_nvidia_gpus(monkeypatch):
     from qdiff.kernels import fused_producers
 
     cuda = torch.device("cuda", 0)
+    cached = fused_producers._runs_tanh_approx  # the device query is cached: cleared whenever the fake GPU changes
+    cached.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.version, "hip", None)
     assert fused_producers.hardware_tanh(cuda, fast=True)
     assert not fused_producers.hardware_tanh(cuda, fast=False)  # exact mode keeps the exact formula
     assert not fused_producers.hardware_tanh(torch.device("cpu"), fast=True)  # the interpreter cannot run PTX
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    cached.cache_clear()
     assert not fused_producers.hardware_tanh(cuda, fast=True)  # tanh.approx.f32 needs sm_75
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cached.cache_clear()
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert not fused_producers.hardware_tanh(cuda, fast=True)  # ROCm: no PTX
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(fused_producers, "HARDWARE_TANH", False)  # the benchmarks' switch
     assert not fused_producers.hardware_tanh(cuda, fast=True)
+    cached.cache_clear()
 
 
 def op_args(backend="auto", gen_seed=1):
