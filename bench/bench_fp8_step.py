@@ -28,6 +28,9 @@ Variants (rows of the step table; each in its own try/except, an error is printe
                                 its output for an FP8 proj itself (MultiHeadCrossAttention.fp8_output)
   <model>, fast, exact tanh     with --fast --exact_tanh_rows: the fast rows with GELU computed as v / (1 + exp(−2u))
                                 in the fused FP8 kernel instead of with the GPU's tanh.approx (before session 16)
+  <model>, fast, eager ends     with --fast --eager_ends_rows: the fast rows with the position tables before the first
+                                block and the head after the last (deferred add, final layer) eager, not compiled
+                                (compile_blocks(compile_ends=False); before session 17)
   <model>, fast, SDPA cross-attention  with --fast --sdpa_cross: the fast rows with the cross-attention on SDPA
                                 (cuDNN) and proj quantizing its own input, as before session 15
   <model>, fast, fast accumulation  with --fast --fast_accum_rows: the fast rows with torch._scaled_mm's
@@ -102,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--exact_tanh_rows", action="store_true",
                    help="with --fast: also the fast rows with GELU's exact tanh formula in the fused FP8 kernel "
                         "(qdiff.kernels.fused_producers.HARDWARE_TANH off), as before session 16")
+    p.add_argument("--eager_ends_rows", action="store_true",
+                   help="with --fast: also the fast rows with the work before the first block and after the last "
+                        "left eager (compile_blocks(compile_ends=False)), as before session 17")
     p.add_argument("--cublaslt_workspace", choices=("default", "none"), default="default",
                    help="none: no cuBLASLt workspace for the whole process, the anchor included (qdiff.blas; "
                         "statically scheduled GEMMs without memsets); set before the first GEMM")
@@ -358,6 +364,8 @@ def main(argv=None) -> int:
                 run_variants(f"{name} fast, exact tanh", model, reference, {}, **FAST)
             finally:
                 fused_producers.HARDWARE_TANH = True
+        if args.eager_ends_rows:
+            run_variants(f"{name} fast, eager ends", model, reference, {}, **FAST, compile_ends=False)
         if args.sdpa_cross:
             cross = {}
             run_variants(f"{name} fast, SDPA cross-attention", model, reference, cross,

@@ -357,6 +357,15 @@ def compile_model(model: nn.Module, enabled: bool = True, *, modules: Sequence[n
             module._compiled_call_impl = None  # what nn.Module.compile sets
         return model
     prepare_compile(model, int_act_quant)
+    kwargs = compile_options(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend, exact=exact)
+    for module in modules:
+        module.compile(**kwargs)
+    return model
+
+
+def compile_options(mode: str | None = None, fullgraph: bool = True, dynamic: bool = False, backend: str = "inductor",
+                    exact: bool = False) -> dict:
+    """The torch.compile keywords that `compile_model` passes for these arguments (see there)."""
     kwargs = dict(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     if exact and backend in COMPILE_BACKENDS_WITH_OPTIONS:
         import torch._inductor
@@ -366,9 +375,7 @@ def compile_model(model: nn.Module, enabled: bool = True, *, modules: Sequence[n
         kwargs["options"] = options
     elif mode is not None:
         kwargs["mode"] = mode
-    for module in modules:
-        module.compile(**kwargs)
-    return model
+    return kwargs
 
 
 # ------------------------------------------------------------------------------ save / load

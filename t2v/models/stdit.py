@@ -31,6 +31,7 @@ cuDNN's SDPA on an H100, docs/benchmarks.md session 15).
 """
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -507,6 +508,8 @@ class STDiT(nn.Module):
         # residual adds, a zero one for the first block, so one compiled graph serves every block and every prompt
         # length
         self.static_block_inputs = False
+        # compiled `add_position_tables` ("tables") and `output_head` ("head"), set by compile_blocks; empty: eager
+        self._compiled_ends: dict[str, Callable] = {}
         # inference (autograd off) hands each block's MLP residual add to the next block (STDiTBlock's `pending`),
         # where it runs inside the next block's norm1 quantization when its q/k/v are fused low-bit layers, and
         # otherwise as the same eager add: the same ops, the same numbers. With autograd on the add stays in its block:
@@ -574,13 +577,7 @@ class STDiT(nn.Module):
                 f"input gives {x.shape[1]} tokens, but the model was built for input_size {list(self.input_size)} "
                 f"({T}x{S} tokens)"
             )
-        x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + self.pos_embed  # [1, S, C] broadcasts over B, T
-        if self.temporal_pos == "input":
-            x = x + self.pos_embed_temporal[:, :, None]  # [1, T, 1, C] broadcasts over B, S
-        # one copy to token-major memory: the embedder's output is a transposed view ([B, C, N] underneath) and the
-        # residual stream would keep that layout through every block (each residual add then reads x with stride N:
-        # 0.32 ms instead of ~0.1 per block in the compiled XL/2 step on an H100, docs/benchmarks.md session 12)
-        x = rearrange(x, "B T S C -> B (T S) C").contiguous()
+        x = self._compiled_ends.get("tables", self.add_position_tables)(x)  # [B, T·S, C] token-major
 
         # 2. timestep: t [B, C] for the final layer, t0 [B, 6C] for the blocks
         t = self.t_embedder(timestep)
@@ -614,14 +611,32 @@ class STDiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, y, t0, y_lens, temporal_pos_embed, use_reentrant=False)
             else:
                 x = block(x, y, t0, y_lens, temporal_pos_embed)
-        if pending is not None:  # the last block's add
+
+        # 5. the last block's deferred add, final layer and unpatchify, output in float32 as OpenSora does
+        return self._compiled_ends.get("head", self.output_head)(x, t, pending)
+
+    def add_position_tables(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T·S, C] (the patch embedder's output) -> [B, T·S, C] contiguous: the spatial table added to every
+        frame (and the temporal one to every position with ``temporal_pos="input"``). Compiled with the blocks."""
+        T, S = self.num_temporal, self.num_spatial
+        x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + self.pos_embed  # [1, S, C] broadcasts over B, T
+        if self.temporal_pos == "input":
+            x = x + self.pos_embed_temporal[:, :, None]  # [1, T, 1, C] broadcasts over B, S
+        # one copy to token-major memory: the embedder's output is a transposed view ([B, C, N] underneath) and the
+        # residual stream would keep that layout through every block (each residual add then reads x with stride N:
+        # 0.32 ms instead of ~0.1 per block in the compiled XL/2 step on an H100, docs/benchmarks.md session 12)
+        return rearrange(x, "B T S C -> B (T S) C").contiguous()
+
+    def output_head(self, x: torch.Tensor, t: torch.Tensor,
+                    pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, T·S, C] after the last block, t [B, C], pending: the last block's deferred MLP residual add (branch
+        [B, T·S, C], gate [B, 1, C]) or None -> [B, C_out, T, H, W] float32: the add, the final layer, unpatchify.
+        Compiled with the blocks."""
+        if pending is not None:
             branch, gate = pending
             x = x + gate * branch
-
-        # 5. final layer and unpatchify, output in float32 as OpenSora does
         x = self.final_layer(x, t)  # [B, T·S, p_t·p_h·p_w·C_out]
-        x = self.unpatchify(x)  # [B, C_out, T, H, W]
-        return x.float()
+        return self.unpatchify(x).float()  # [B, C_out, T, H, W]
 
     @staticmethod
     def _pack_text(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
@@ -794,7 +809,8 @@ def merge_qkv(model: nn.Module) -> dict[str, str]:
 
 def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: str = "math",
                    cross_attention: str | None = None, mode: str | None = None, fullgraph: bool = True,
-                   backend: str = "inductor", exact: bool = False, int_act_quant: str = "torch") -> STDiT:
+                   backend: str = "inductor", exact: bool = False, int_act_quant: str = "torch",
+                   compile_ends: bool = True) -> STDiT:
     """Compile each STDiT block for inference with torch.compile (in place; returns the model).
 
     Each block is compiled with ``dynamic=False`` (and ``fullgraph`` by default: a graph break raises). The model
@@ -806,13 +822,15 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     "sdpa", "math" or "triton", the kernel of `qdiff.kernels.cross_attention` as one custom op; None leaves the
     model's setting, SDPA by default); spatial attention stays SDPA. Works for float (bf16/fp16/fp32), fake-quant
     (QuantLinear) and integer (IntLinear) models: see `qdiff.api.compile_model` for mode, backend, exact and
-    int_act_quant. Compilation happens at the first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores
-    the eager blocks and switches the temporal and cross attention back to SDPA.
+    int_act_quant. ``compile_ends`` also compiles the model's work before the first block and after the last
+    (`STDiT.add_position_tables`, `STDiT.output_head`: the position tables, the last deferred residual add, the final
+    layer). Compilation happens at the first forward (minutes for XL/2 on a GPU). ``enabled=False`` restores the eager
+    blocks and ends and switches the temporal and cross attention back to SDPA.
 
     The compiled path computes the same function; it is not bit-identical in half precision (the compiler keeps
     some intermediates in float32 that eager rounds; ``exact=True`` asks it to round as eager does).
     """
-    from qdiff.api import compile_model
+    from qdiff.api import compile_model, compile_options
 
     if temporal_attention not in TEMPORAL_ATTENTION:
         raise ValueError(f"temporal_attention: expected one of {list(TEMPORAL_ATTENTION)}, got {temporal_attention!r}")
@@ -820,8 +838,14 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
         set_cross_attention(model, cross_attention if enabled else "sdpa")  # validates the name
     set_temporal_attention(model, temporal_attention if enabled else "sdpa")
     model.static_block_inputs = enabled
-    return compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
-                         backend=backend, exact=exact, int_act_quant=int_act_quant)
+    compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
+                  backend=backend, exact=exact, int_act_quant=int_act_quant)
+    # the elementwise work before the first block and after the last (0.5 + 0.5 ms of eager kernels per XL/2 step on
+    # an H100, docs/benchmarks.md session 17) compiles into a few fused kernels
+    options = compile_options(mode=mode, fullgraph=fullgraph, backend=backend, exact=exact)
+    model._compiled_ends = ({"tables": torch.compile(model.add_position_tables, **options),
+                             "head": torch.compile(model.output_head, **options)} if enabled and compile_ends else {})
+    return model
 
 
 def STDiT_XL_2(**kwargs) -> STDiT:

@@ -88,13 +88,23 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
     with torch.no_grad():
         compiled = model(x, t, y, mask=mask)
         again = model(x, t, y[:, :, torch.arange(8).flip(0)], mask=mask[:, torch.arange(8).flip(0)])  # other lengths
-    assert len(graphs) == 1  # one graph for both blocks and both prompt layouts (fullgraph: no breaks)
+    # one graph for both blocks and both prompt layouts (fullgraph: no breaks), one for the position tables before
+    # the blocks and one for the head after them
+    assert len(graphs) == 3 and set(model._compiled_ends) == {"tables", "head"}
     assert compiled.dtype == torch.float32 and again.shape == compiled.shape
     assert relative(compiled, eager) < tolerance
     compile_blocks(model, enabled=False)
     assert not model.static_block_inputs and all(block.attn_temp.core == "sdpa" for block in model.blocks)
+    assert model._compiled_ends == {}
     with torch.no_grad():
         assert torch.equal(model(x, t, y, mask=mask), eager)
+    torch._dynamo.reset()
+    graphs.clear()
+    compile_blocks(model, backend=backend, compile_ends=False)
+    with torch.no_grad():
+        assert relative(model(x, t, y, mask=mask), eager) < tolerance
+    assert len(graphs) == 1 and model._compiled_ends == {}  # the blocks only
+    compile_blocks(model, enabled=False)
     torch._dynamo.reset()
 
 
