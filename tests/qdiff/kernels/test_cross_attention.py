@@ -84,7 +84,8 @@ def assert_tiny_stdit_matches_sdpa(compiled: bool):
             return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
 
         torch._dynamo.reset()
-        compile_blocks(model, temporal_attention="sdpa", cross_attention="triton", backend=backend)
+        compile_blocks(model, temporal_attention="sdpa", cross_attention="triton", backend=backend,
+                       compile_ends=False)  # the blocks' graph only
     else:
         set_cross_attention(model, "triton")
     assert all(b.cross_attn.core == "triton" for b in model.blocks)

@@ -91,7 +91,7 @@ def assert_tiny_stdit_matches_sdpa(compiled: bool):
             return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, example_inputs)
 
         torch._dynamo.reset()
-        compile_blocks(model, temporal_attention="short_triton", backend=backend)
+        compile_blocks(model, temporal_attention="short_triton", backend=backend, compile_ends=False)  # blocks only
     else:
         set_temporal_attention(model, "short_triton")
     assert all(b.attn_temp.core == "short_triton" and b.attn.core == "sdpa" for b in model.blocks)

@@ -262,7 +262,7 @@ def test_compiled_block_records_the_4d_op():
     with torch.no_grad():
         eager = model(x, t, y)
     torch._dynamo.reset()
-    compile_blocks(model, temporal_attention="short_triton", backend=backend)
+    compile_blocks(model, temporal_attention="short_triton", backend=backend, compile_ends=False)  # blocks only
     try:
         with torch.no_grad():
             compiled = model(x, t, y)
