@@ -508,7 +508,8 @@ class STDiT(nn.Module):
         # residual adds, a zero one for the first block, so one compiled graph serves every block and every prompt
         # length
         self.static_block_inputs = False
-        # compiled `add_position_tables` ("tables") and `output_head` ("head"), set by compile_blocks; empty: eager
+        # the compiled functions (not bound methods: a deepcopy must not run the original's) of `add_position_tables`
+        # ("tables") and `output_head` ("head"), called with the model first; set by compile_blocks; empty: eager
         self._compiled_ends: dict[str, Callable] = {}
         # inference (autograd off) hands each block's MLP residual add to the next block (STDiTBlock's `pending`),
         # where it runs inside the next block's norm1 quantization when its q/k/v are fused low-bit layers, and
@@ -577,7 +578,7 @@ class STDiT(nn.Module):
                 f"input gives {x.shape[1]} tokens, but the model was built for input_size {list(self.input_size)} "
                 f"({T}x{S} tokens)"
             )
-        x = self._compiled_ends.get("tables", self.add_position_tables)(x)  # [B, T·S, C] token-major
+        x = self._compiled_ends.get("tables", type(self).add_position_tables)(self, x)  # [B, T·S, C] token-major
 
         # 2. timestep: t [B, C] for the final layer, t0 [B, 6C] for the blocks
         t = self.t_embedder(timestep)
@@ -613,7 +614,7 @@ class STDiT(nn.Module):
                 x = block(x, y, t0, y_lens, temporal_pos_embed)
 
         # 5. the last block's deferred add, final layer and unpatchify, output in float32 as OpenSora does
-        return self._compiled_ends.get("head", self.output_head)(x, t, pending)
+        return self._compiled_ends.get("head", type(self).output_head)(self, x, t, pending)
 
     def add_position_tables(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T·S, C] (the patch embedder's output) -> [B, T·S, C] contiguous: the spatial table added to every
@@ -840,11 +841,12 @@ def compile_blocks(model: STDiT, enabled: bool = True, *, temporal_attention: st
     model.static_block_inputs = enabled
     compile_model(model, enabled=enabled, modules=list(model.blocks), mode=mode, fullgraph=fullgraph,
                   backend=backend, exact=exact, int_act_quant=int_act_quant)
-    # the elementwise work before the first block and after the last (0.5 + 0.5 ms of eager kernels per XL/2 step on
-    # an H100, docs/benchmarks.md session 17) compiles into a few fused kernels
+    # the elementwise work before the first block and after the last (about 1 ms of eager kernels per XL/2 step on an
+    # H100, docs/benchmarks.md session 17) compiles into a few fused kernels
     options = compile_options(mode=mode, fullgraph=fullgraph, backend=backend, exact=exact)
-    model._compiled_ends = ({"tables": torch.compile(model.add_position_tables, **options),
-                             "head": torch.compile(model.output_head, **options)} if enabled and compile_ends else {})
+    model._compiled_ends = ({"tables": torch.compile(type(model).add_position_tables, **options),
+                             "head": torch.compile(type(model).output_head, **options)} if enabled and compile_ends
+                            else {})
     return model
 
 

@@ -108,6 +108,27 @@ def test_compiled_blocks_equal_eager(dtype, tolerance):
     torch._dynamo.reset()
 
 
+def test_deepcopy_of_compiled_model_runs_its_own_ends():
+    """The compiled ends are unbound functions called with the model, so a deepcopy (what distillation does to get
+    its FP teacher) runs its own position tables and head, not the original's."""
+    import copy
+
+    model = tiny_model()
+    x, t, y, mask = inputs()
+    torch._dynamo.reset()
+    compile_blocks(model, backend="aot_eager")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.pos_embed.mul_(2.0)
+        twin.final_layer.linear.weight.mul_(-1.0)
+        ours, theirs = model(x, t, y, mask=mask), twin(x, t, y, mask=mask)
+        compile_blocks(twin, enabled=False)
+        assert relative(theirs, twin(x, t, y, mask=mask)) < 1e-5  # the twin's compiled ends used the twin's tables
+    assert relative(theirs, ours) > 1e-2
+    compile_blocks(model, enabled=False)
+    torch._dynamo.reset()
+
+
 def block_calls(model):
     """(block index, got a deferred add, asked to defer its own) per block call of `model`, recorded from now on."""
     calls = []
