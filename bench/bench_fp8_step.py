@@ -69,6 +69,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import default_anchor  # noqa: E402
 
 GROUPS = ("bf16", "w8a8", "w4a8")
 FAST = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")  # compile_blocks
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda_graph", action="store_true", help="also time every compiled model replayed as a CUDA graph")
     p.add_argument("--fast", action="store_true",
                    help="also time each model with merged q/k/v, the Triton temporal attention and fused act quant")
-    p.add_argument("--anchor", default=str(REPO / ".devcarry/anchor_block_stack.py"),
+    p.add_argument("--anchor", default=default_anchor(),
                    help="anchor_block_stack.py (a copy of ../shared/bench/anchor_block_stack.py); skipped if absent")
     p.add_argument("--cache_w4", action="store_true",
                    help="also time W4A8 with the e4m3 copy of its integer weight codes cached (FP8Linear.cache_weight)")

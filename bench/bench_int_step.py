@@ -35,8 +35,8 @@ Reported (markdown + JSON in --out):
     python bench/bench_int_step.py --compile --only w8a8 --merge --out D          #  device call): --merge adds rows
     python bench/bench_int_step.py --check --out logs/bench/int_check             # = bench/check_int_kernels.py
     python bench/bench_int_step.py --compile --cuda_graph --temporal_kernel --only bf16 --out D   # + Triton temporal
-Needs a CUDA GPU and triton. The anchor defaults to .devcarry/anchor_block_stack.py (a copy of
-../shared/bench/anchor_block_stack.py); only its definitions run (the part before its `res = {}` line). Every run
+Needs a CUDA GPU and triton. The anchor defaults to ../shared/bench/anchor_block_stack.py, or its copy in
+.devcarry/ where ../shared is absent; only its definitions run (the part before its `res = {}` line). Every run
 times our bf16 eager step and the eager anchor (seconds), so ratios always compare rows measured in one process.
 """
 from __future__ import annotations
@@ -54,7 +54,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import StepLog, build_model, cuda_time, environment, inputs, release  # noqa: E402
+from bench.common import (  # noqa: E402
+    StepLog, build_model, cuda_time, default_anchor, environment, inputs, release,
+)
 
 TOKENS = 2 * 16 * 1024  # CFG batch 2 · 16 frames · 1024 patches
 TEXT_TOKENS = 2 * 40  # packed valid text tokens of the two samples (inputs(): 40 valid of 120)
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} "
                                                             "(our bf16 eager step and the eager anchor always run)")
     p.add_argument("--merge", action="store_true", help="add this run's rows to the int_step.json already in --out")
-    p.add_argument("--anchor", default=str(REPO / ".devcarry/anchor_block_stack.py"), help="anchor_block_stack.py")
+    p.add_argument("--anchor", default=default_anchor(), help="anchor_block_stack.py")
     p.add_argument("--w8a8", default=str(REPO / "configs/quant/w8a8_qvdit.yaml"), help="W8A8 quant config")
     p.add_argument("--w4a8", default=str(REPO / "configs/quant/w4a8_qvdit.yaml"), help="W4A8 quant config")
     p.add_argument("--iters", type=int, default=10)

@@ -32,6 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import default_anchor  # noqa: E402
 
 MODELS = ("bf16", "w8a8", "w4a8")
 FAST = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")  # compile_blocks
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--w8a8", default=str(REPO / "configs/quant/w8a8_fp8.yaml"), help="W8A8 FP8 quant config")
     p.add_argument("--w4a8", default=str(REPO / "configs/quant/w4a8_fp8_uniform.yaml"), help="W4A8 FP8 quant config")
-    p.add_argument("--anchor", default=str(REPO / ".devcarry/anchor_block_stack.py"),
+    p.add_argument("--anchor", default=default_anchor(),
                    help="anchor_block_stack.py (a copy of ../shared/bench/anchor_block_stack.py)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of anchor + every model")
     p.add_argument("--iters", type=int, default=10, help="timed steps per model and round (median)")

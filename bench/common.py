@@ -12,6 +12,14 @@ from pathlib import Path
 import torch
 
 
+def default_anchor() -> str:
+    """The anchor script the step benches compare against: ../shared/bench/anchor_block_stack.py beside the
+    checkout, or the copy in .devcarry/ (git-ignored, carried to the device machine, which has no ../shared)."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [repo.parent / "shared/bench/anchor_block_stack.py", repo / ".devcarry/anchor_block_stack.py"]
+    return str(next((path for path in candidates if path.is_file()), candidates[0]))
+
+
 def cuda_time(fn, iters: int, warmup: int) -> float:
     """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
     for _ in range(warmup):
