@@ -69,10 +69,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import default_anchor  # noqa: E402
+from bench.common import FAST_KERNELS as FAST, default_anchor  # noqa: E402
 
 GROUPS = ("bf16", "w8a8", "w4a8")
-FAST = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")  # compile_blocks
 
 
 def parse_args(argv=None):

@@ -32,10 +32,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import default_anchor  # noqa: E402
+from bench.common import FAST_KERNELS as FAST, default_anchor  # noqa: E402
 
 MODELS = ("bf16", "w8a8", "w4a8")
-FAST = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")  # compile_blocks
 
 
 def parse_args(argv=None):
@@ -104,6 +103,7 @@ def main(argv=None) -> int:
     from qdiff.api import compile_model
     from qdiff.config import QuantConfig, apply_overrides
     from qdiff.cuda_graphs import CUDAGraphForward
+    from qdiff.io import atomic_path
     from qdiff.lowbit import convert_to_int, fp8_layers
     from t2v.models.stdit import merge_qkv
 
@@ -164,16 +164,11 @@ def main(argv=None) -> int:
             ratios = [r["anchor"] / r[name] for r in results["rounds"]]
             results["speedup"][name] = {**summary(ratios), "rounds_at_1.6": sum(ratio >= 1.6 for ratio in ratios)}
         results["wall_s"] = time.time() - started
-        write_atomic(out_dir / "speedup.json", json.dumps(results, indent=1))
-        write_atomic(out_dir / "speedup.md", markdown(results))
+        for name, text in (("speedup.json", json.dumps(results, indent=1)), ("speedup.md", markdown(results))):
+            with atomic_path(out_dir / name, overwrite=True) as tmp:
+                tmp.write_text(text)
     print(markdown(results))
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 
+# compile_blocks' options of the `--fast` steps: Triton temporal and cross-attention, activation quantization fused
+FAST_KERNELS = dict(temporal_attention="short_triton", cross_attention="triton", int_act_quant="fused")
+
+
 def default_anchor() -> str:
     """The anchor script the step benches compare against: ../shared/bench/anchor_block_stack.py beside the
     checkout, or the copy in .devcarry/ (git-ignored, carried to the device machine, which has no ../shared)."""
