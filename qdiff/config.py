@@ -189,6 +189,7 @@ class DistillConfig:
     checkpoint_blocks: int | str = "auto"  # blocks recomputed in backward: "auto" (fit memory), "all" or a count
     checkpoint_memory_fraction: float = 0.85  # "auto": share of the GPU memory available to the run a step may peak at
     compile: bool = False  # torch.compile(dynamic=False) each checkpointable block for the run
+    compile_memory_budget: float = 0.5  # with compile: the share of a block's activations its compiled graph saves
     keep_best: bool = True  # keep the PTQ initialisation when distillation ends worse on the eval rows
 
     def __post_init__(self) -> None:
@@ -211,6 +212,7 @@ class DistillConfig:
             "checkpoint_blocks": _count_or("auto", "all"),
             "checkpoint_memory_fraction": _fraction,
             "compile": _boolean,
+            "compile_memory_budget": _fraction,
             "keep_best": _boolean,
         })
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -78,7 +78,7 @@ TRAINING_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 
 @contextmanager
-def compiled(modules: Sequence[nn.Module], **compile_kwargs):
+def compiled(modules: Sequence[nn.Module], memory_budget: float | None = None, **compile_kwargs):
     """For the duration, each of `modules` runs `torch.compile(module.forward, dynamic=False, **compile_kwargs)`.
 
     With the inductor backend (the default) the compile also gets `TRAINING_INDUCTOR_OPTIONS` (mix-order
@@ -86,17 +86,34 @@ def compiled(modules: Sequence[nn.Module], **compile_kwargs):
     as [1152]; module docstring); options or a mode given by the caller are kept, an option given explicitly wins.
     Inside `checkpointed`, the checkpoint wraps the compiled forward (the recompute runs the compiled code
     again). Parameters and state dicts are untouched; the eager forward is back on exit.
+
+    memory_budget (0, 1] (None: torch's setting, 1.0 by default): AOT autograd's `activation_memory_budget` for
+    the graphs compiled meanwhile. Below 1, the partitioner saves only about that share of what each compiled
+    forward would keep for its backward and recomputes the rest in the backward, the cheapest ops first (by its
+    FLOP estimate: normalisations, modulation, activations before any matmul). An unchecked block then holds less,
+    so `checkpoint_blocks: auto` leaves more blocks unchecked. The graph is fixed at its first call, so the budget
+    in force then is the one it keeps.
     """
     modules = list(modules)
+    budget = nullcontext() if memory_budget is None else _activation_memory_budget(memory_budget)
     compile_kwargs = training_compile_kwargs(**compile_kwargs)
     previous = [vars(module).get("forward") for module in modules]
     for module in modules:
         module.forward = torch.compile(module.forward, **compile_kwargs)
     try:
-        yield
+        with budget:
+            yield
     finally:
         for module, before in zip(modules, previous):
             _restore_forward(module, before)
+
+
+def _activation_memory_budget(budget: float):
+    if not 0 < budget <= 1:
+        raise ValueError(f"memory_budget: expected a share in (0, 1], got {budget!r}")
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=float(budget))
 
 
 def training_compile_kwargs(**compile_kwargs) -> dict:

@@ -30,7 +30,10 @@ Speed (issue 4):
   (inside the checkpoint wrapper, so the recompute is compiled too), with inductor's mix-order reduction
   off (it broke the shape of STDiT-XL/2's `mlp.fc1.lora_a_out` gradient; `qdiff.distill.checkpointing`).
   The first iteration (or the "auto" probe) pays the compilation; a block that graph-breaks still computes
-  the same function.
+  the same function. `cfg.compile_memory_budget` (0.5) has each compiled block save about half of its
+  activations and recompute the cheap rest in its backward, so "auto" leaves more blocks unchecked (STDiT-XL/2
+  on an H100: 28 instead of 14 unchecked, 1.09–1.10 → 1.04–1.07 s per W3A6 iteration; docs/benchmarks.md
+  session 18).
 - The teacher is whatever `teacher_fn` does: stage 4 passes targets computed once per calibration
   row (`t2v.pipeline.calib_data.fp_targets`) instead of running the FP model every iteration.
 
@@ -196,7 +199,8 @@ def distill(
 
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
     modules = list(checkpoint_modules)
-    compiling = compiled(modules) if cfg.compile and modules else nullcontext()
+    compiling = (compiled(modules, memory_budget=cfg.compile_memory_budget) if cfg.compile and modules
+                 else nullcontext())
     with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations), \
             compiling:
         plan = _checkpoint_plan(cfg, modules, device, lambda after: forward_backward(batches(start), after),
