@@ -17,6 +17,8 @@ still run):
             warm-up, and in the probe), with the default `compile_memory_budget` (0.5)
   compile_full  (on request) compile with `compile_memory_budget: 1.0`: each compiled block saves what the
             partitioner likes (session 12-17's compile: 1.09-1.11 s/iteration on an H100, 14 of 28 blocks unchecked)
+  auto_sdpa, compile_sdpa  (on request) auto / compile with the temporal attention as SDPA: stage 4 trains it as
+            "math" (`t2v.pipeline.ptq.DISTILL_TEMPORAL_ATTENTION`), every variant above does too
   old       (on request) session 2's: fp32 teacher forward every iteration, every block checkpointed
   fused     (on request) all + `distill.fused_weights` (W_eff once per iteration)
 Under torchrun each rank runs `--rows_per_rank` rows (default: the config's batch over the ranks, so the global
@@ -59,6 +61,10 @@ VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, descripti
                 "auto + distill.compile (torch.compile per block), compile_memory_budget 0.5"),
     "compile_full": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 compile_memory_budget=1.0), "compile, compile_memory_budget 1.0 (before session 18)"),
+    "auto_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", temporal_attention="sdpa"),
+                  "auto with the temporal attention as SDPA (before session 19)"),
+    "compile_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
+                                temporal_attention="sdpa"), "compile with the temporal attention as SDPA (session 18)"),
     "old": (False, dict(fused_weights=False, checkpoint_blocks="all"), "online fp32 teacher, all checkpointed"),
     "fused": (True, dict(fused_weights=True, checkpoint_blocks="all"), "all + W_eff once per iteration (fused)"),
 }
@@ -210,7 +216,11 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
     """warmup + timed iterations of `distill` -> median s/iter, peak GiB of the timed iterations, losses, plan."""
     from qdiff.api import quant_state
     from qdiff.distill.trainer import distill
+    from t2v.models.stdit import temporal_attention
+    from t2v.pipeline.ptq import DISTILL_TEMPORAL_ATTENTION
 
+    overrides = dict(overrides)
+    core = overrides.pop("temporal_attention", DISTILL_TEMPORAL_ATTENTION)
     cfg = dataclasses.replace(qcfg.distill, enabled=True, iterations=len(batches), checkpoint_every=10**6,
                               grad_checkpointing=True, **overrides)
     stamps = []
@@ -227,7 +237,7 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
         if len(stamps) == warmup:
             torch.cuda.reset_peak_memory_stats()
 
-    with tempfile.TemporaryDirectory() as ckpt_dir:
+    with tempfile.TemporaryDirectory() as ckpt_dir, temporal_attention(model, core):
         result = distill(model, teacher_fn, lambda i: batches[i], cfg, ckpt_dir, progress=False, log_fn=log_fn,
                          student_fn=lambda batch: forward(model, batch), log_every=1, checkpoint_modules=model.blocks)
     losses = [entry["loss"] for entry in result["history"]]

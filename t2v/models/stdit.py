@@ -29,6 +29,7 @@ default when compiled) or as the Triton kernel of `qdiff.kernels.short_attention
 Triton kernel of `qdiff.kernels.cross_attention` (``cross_attention="triton"``, `set_cross_attention`; faster than
 cuDNN's SDPA on an H100, docs/benchmarks.md session 15).
 """
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -748,6 +749,20 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
     for block in model.blocks:
         block.attn_temp.core = core
     return model
+
+
+@contextlib.contextmanager
+def temporal_attention(model: STDiT, core: str):
+    """Within the context every block's temporal attention runs as ``core`` (`set_temporal_attention`); on exit each
+    block gets back the core it had. Stage 4 trains with "math" this way (`t2v.pipeline.ptq.DISTILL_TEMPORAL_ATTENTION`).
+    Yields the model."""
+    previous = [block.attn_temp.core for block in model.blocks]
+    set_temporal_attention(model, core)
+    try:
+        yield model
+    finally:
+        for block, old in zip(model.blocks, previous):
+            block.attn_temp.core = old
 
 
 CROSS_ATTENTION_CORES = ("sdpa", "math", "triton")  # MultiHeadCrossAttention.core

@@ -37,7 +37,11 @@ the config schema has no switch for it. With `distill.grad_checkpointing`, `dist
 the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) leaves as many unchecked
 as fit `distill.checkpoint_memory_fraction` (85%) of the GPU memory, from measured probe steps (all on CPU;
 `qdiff.distill.checkpointing`), "all", or a count (the reference: blocks 1–26).
-Which blocks are checkpointed does not change the result. With `distill.fused_weights` (off by default:
+Which blocks are checkpointed does not change the result. The student's temporal attention trains as "math"
+(`DISTILL_TEMPORAL_ATTENTION`: OpenSora's non-flash formula, two batched matmuls and a float32 softmax over the
+16 frames; 6% faster per iteration than SDPA's kernels with `distill.compile` on an H100, docs/benchmarks.md);
+every other attention, the precomputed targets and the evaluations keep SDPA (an online teacher that is the
+student with quantization off runs "math" too). With `distill.fused_weights` (off by default:
 slower on an H100) every layer's effective weight is formed once per iteration, outside the blocks
 (`qdiff.distill.weights`).
 
@@ -85,6 +89,7 @@ from qdiff.api import (
 from qdiff.config import QuantConfig
 from qdiff.distill.trainer import CHECKPOINT_NAME, distill
 from qdiff.io import atomic_path
+from t2v.models.stdit import temporal_attention
 from t2v.pipeline.calib_data import CalibDataError, CalibDataset, fp_targets, model_fingerprint, subsample_steps
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,7 @@ QUANT_PARAMS_NAME = "quant_params.safetensors"
 QUANT_CONFIG_NAME = "quant_config.yaml"
 INFERENCE_CONFIG_NAME = "inference_config.py"
 HISTORY_NAME = "distill_history.json"
+DISTILL_TEMPORAL_ATTENTION = "math"  # the student's temporal attention core while distilling (see above)
 
 
 class CalibrationMismatchError(ValueError):
@@ -241,11 +247,12 @@ def calibrate(
                 batch["target"] = targets[batch["index"]]
             return _to_device(batch, device)
 
-        result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch), batches,
-                         cfg, outdir, resume=resume, progress=progress and rank == 0,
-                         log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,
-                         student_fn=student, overwrite=overwrite, log_every=log_every,
-                         checkpoint_modules=model.blocks)
+        with temporal_attention(model, DISTILL_TEMPORAL_ATTENTION):
+            result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch),
+                             batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
+                             log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,
+                             student_fn=student, overwrite=overwrite, log_every=log_every,
+                             checkpoint_modules=model.blocks)
         report.update(history=result["history"], resumed_from=result["resumed_from"],
                       checkpointed_blocks=result["checkpointed_blocks"])
     report["final"] = _relative_error(model, student, eval_target, eval_batch)

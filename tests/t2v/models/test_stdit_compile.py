@@ -7,7 +7,7 @@ inductor's code for the quantizer is checked in tests/qdiff/kernels/test_act_qua
 import pytest
 import torch
 
-from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks
+from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks, temporal_attention
 from t2v.pipeline.build import randomize_zero_init
 
 TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
@@ -215,3 +215,22 @@ def test_math_attention_flag_is_a_view_of_core():
     attention.core = "flash"
     with pytest.raises(ValueError, match="Attention.core"):
         attention(torch.randn(2, 4, 64))
+
+
+def test_temporal_attention_context_sets_and_restores_each_block():
+    model = tiny_model()
+    model.blocks[1].attn_temp.core = "short_triton"
+    x, t, y, mask = inputs()
+    with torch.no_grad():
+        before = model(x, t, y, mask=mask)
+        with temporal_attention(model, "math") as same:
+            assert same is model and [b.attn_temp.core for b in model.blocks] == ["math", "math"]
+            assert all(b.attn.core == "sdpa" for b in model.blocks)  # spatial attention untouched
+            torch.testing.assert_close(model(x, t, y, mask=mask), before, rtol=1e-5, atol=1e-5)
+    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]
+    with pytest.raises(RuntimeError, match="boom"), temporal_attention(model, "math"):
+        raise RuntimeError("boom")
+    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]  # restored on errors too
+    with pytest.raises(ValueError, match="temporal_attention"), temporal_attention(model, "flash"):
+        pass
+    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]

@@ -179,6 +179,26 @@ def test_resume_after_kill_equals_uninterrupted(tiny, calib_dir, tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_student_trains_with_math_temporal_attention(tiny, calib_dir, tmp_path, monkeypatch):
+    """Stage 4 runs the distillation with the temporal attention as "math" and gives the model back with SDPA."""
+    import t2v.pipeline.ptq as ptq
+
+    seen = []
+    original = ptq.distill
+
+    def recording(model, *args, **kwargs):
+        seen.append([(b.attn.core, b.attn_temp.core, b.cross_attn.core) for b in model.blocks])
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "distill", recording)
+    qconfig = w4a6("distill.iterations=2")
+    model = fp_model(tiny)
+    calibrate(model, qconfig, open_calib_data(calib_dir, qconfig), tmp_path, progress=False)
+    assert ptq.DISTILL_TEMPORAL_ATTENTION == "math"
+    assert seen == [[("sdpa", "math", "sdpa")] * len(model.blocks)]
+    assert all(b.attn_temp.core == "sdpa" for b in model.blocks)
+
+
 def test_smoothing_config_uses_fp_teacher_copy(tiny, calib_dir, tmp_path):
     # W4A8 Q-VDiT (smoothing α 0.11, TMD on): the balanced model is FP only up to rounding -> a teacher copy
     qconfig = apply_overrides(QuantConfig.from_yaml("configs/quant/w4a8_qvdit.yaml"),
