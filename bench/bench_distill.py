@@ -17,8 +17,9 @@ still run):
             warm-up, and in the probe), with the default `compile_memory_budget` (0.5)
   compile_full  (on request) compile with `compile_memory_budget: 1.0`: each compiled block saves what the
             partitioner likes (session 12-17's compile: 1.09-1.11 s/iteration on an H100, 14 of 28 blocks unchecked)
-  auto_sdpa, compile_sdpa  (on request) auto / compile with the temporal attention as SDPA: stage 4 trains it as
-            "math" (`t2v.pipeline.ptq.DISTILL_TEMPORAL_ATTENTION`), every variant above does too
+  auto_math, compile_sdpa  (on request) auto with the temporal attention as "math", compile with it as SDPA:
+            stage 4 picks "math" exactly when compiling (`t2v.pipeline.ptq.distill_temporal_attention`), and so do
+            the other variants
   old       (on request) session 2's: fp32 teacher forward every iteration, every block checkpointed
   fused     (on request) all + `distill.fused_weights` (W_eff once per iteration)
 Under torchrun each rank runs `--rows_per_rank` rows (default: the config's batch over the ranks, so the global
@@ -61,8 +62,8 @@ VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, descripti
                 "auto + distill.compile (torch.compile per block), compile_memory_budget 0.5"),
     "compile_full": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 compile_memory_budget=1.0), "compile, compile_memory_budget 1.0 (before session 18)"),
-    "auto_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", temporal_attention="sdpa"),
-                  "auto with the temporal attention as SDPA (before session 19)"),
+    "auto_math": (True, dict(fused_weights=False, checkpoint_blocks="auto", temporal_attention="math"),
+                  "auto with the temporal attention as math (what compile trains with)"),
     "compile_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 temporal_attention="sdpa"), "compile with the temporal attention as SDPA (session 18)"),
     "old": (False, dict(fused_weights=False, checkpoint_blocks="all"), "online fp32 teacher, all checkpointed"),
@@ -217,12 +218,13 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
     from qdiff.api import quant_state
     from qdiff.distill.trainer import distill
     from t2v.models.stdit import temporal_attention
-    from t2v.pipeline.ptq import DISTILL_TEMPORAL_ATTENTION
+    from t2v.pipeline.ptq import distill_temporal_attention
 
     overrides = dict(overrides)
-    core = overrides.pop("temporal_attention", DISTILL_TEMPORAL_ATTENTION)
+    core = overrides.pop("temporal_attention", None)
     cfg = dataclasses.replace(qcfg.distill, enabled=True, iterations=len(batches), checkpoint_every=10**6,
                               grad_checkpointing=True, **overrides)
+    core = core or distill_temporal_attention(cfg)
     stamps = []
 
     def teacher_fn(batch):

@@ -754,8 +754,8 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
 @contextlib.contextmanager
 def temporal_attention(model: STDiT, core: str):
     """Within the context every block's temporal attention runs as ``core`` (`set_temporal_attention`); on exit each
-    block gets back the core it had. Stage 4 trains with "math" this way (`t2v.pipeline.ptq.DISTILL_TEMPORAL_ATTENTION`).
-    Yields the model."""
+    block gets back the core it had (stage 4's compiled distillation trains with "math" this way:
+    `t2v.pipeline.ptq.distill_temporal_attention`). Yields the model."""
     previous = [block.attn_temp.core for block in model.blocks]
     set_temporal_attention(model, core)
     try:

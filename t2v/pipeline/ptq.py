@@ -37,10 +37,11 @@ the config schema has no switch for it. With `distill.grad_checkpointing`, `dist
 the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) leaves as many unchecked
 as fit `distill.checkpoint_memory_fraction` (85%) of the GPU memory, from measured probe steps (all on CPU;
 `qdiff.distill.checkpointing`), "all", or a count (the reference: blocks 1–26).
-Which blocks are checkpointed does not change the result. The student's temporal attention trains as "math"
-(`DISTILL_TEMPORAL_ATTENTION`: OpenSora's non-flash formula, two batched matmuls and a float32 softmax over the
-16 frames; 6% faster per iteration than SDPA's kernels with `distill.compile` on an H100, docs/benchmarks.md);
-every other attention, the precomputed targets and the evaluations keep SDPA (an online teacher that is the
+Which blocks are checkpointed does not change the result. With `distill.compile` the student's temporal attention
+trains as "math" (`distill_temporal_attention`: OpenSora's non-flash formula, two batched matmuls and a float32
+softmax over the 16 frames, which inductor fuses with the layout work around it; W3A6 XL/2 on an H100: 0.974
+instead of 1.063 s per iteration, docs/benchmarks.md session 19); eager it stays SDPA (math: 2% slower there).
+Every other attention, the precomputed targets and the evaluations keep SDPA (an online teacher that is the
 student with quantization off runs "math" too). With `distill.fused_weights` (off by default:
 slower on an H100) every layer's effective weight is formed once per iteration, outside the blocks
 (`qdiff.distill.weights`).
@@ -98,7 +99,12 @@ QUANT_PARAMS_NAME = "quant_params.safetensors"
 QUANT_CONFIG_NAME = "quant_config.yaml"
 INFERENCE_CONFIG_NAME = "inference_config.py"
 HISTORY_NAME = "distill_history.json"
-DISTILL_TEMPORAL_ATTENTION = "math"  # the student's temporal attention core while distilling (see above)
+
+
+def distill_temporal_attention(cfg) -> str:
+    """The temporal attention core the student trains with under the distillation config `cfg` (see above):
+    "math" when its blocks are compiled (`distill.compile`), else "sdpa"."""
+    return "math" if cfg.compile else "sdpa"
 
 
 class CalibrationMismatchError(ValueError):
@@ -247,7 +253,7 @@ def calibrate(
                 batch["target"] = targets[batch["index"]]
             return _to_device(batch, device)
 
-        with temporal_attention(model, DISTILL_TEMPORAL_ATTENTION):
+        with temporal_attention(model, distill_temporal_attention(cfg)):
             result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch),
                              batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
                              log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,

@@ -179,9 +179,14 @@ def test_resume_after_kill_equals_uninterrupted(tiny, calib_dir, tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_student_trains_with_math_temporal_attention(tiny, calib_dir, tmp_path, monkeypatch):
-    """Stage 4 runs the distillation with the temporal attention as "math" and gives the model back with SDPA."""
+def test_compiled_distillation_trains_math_temporal_attention(tiny, calib_dir, tmp_path, monkeypatch):
+    """Stage 4 picks the student's temporal attention by `distill.compile` ("math" compiled, else "sdpa"), sets it
+    on every block for the distillation only, and gives the model back with SDPA."""
     import t2v.pipeline.ptq as ptq
+
+    qconfig = w4a6("distill.iterations=2")
+    assert ptq.distill_temporal_attention(qconfig.distill) == "sdpa"
+    assert ptq.distill_temporal_attention(apply_overrides(qconfig, ["distill.compile=true"]).distill) == "math"
 
     seen = []
     original = ptq.distill
@@ -191,10 +196,9 @@ def test_student_trains_with_math_temporal_attention(tiny, calib_dir, tmp_path, 
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(ptq, "distill", recording)
-    qconfig = w4a6("distill.iterations=2")
+    monkeypatch.setattr(ptq, "distill_temporal_attention", lambda cfg: "math")  # compile=true without compiling
     model = fp_model(tiny)
     calibrate(model, qconfig, open_calib_data(calib_dir, qconfig), tmp_path, progress=False)
-    assert ptq.DISTILL_TEMPORAL_ATTENTION == "math"
     assert seen == [[("sdpa", "math", "sdpa")] * len(model.blocks)]
     assert all(b.attn_temp.core == "sdpa" for b in model.blocks)
 
