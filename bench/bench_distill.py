@@ -17,9 +17,10 @@ still run):
             warm-up, and in the probe), with the default `compile_memory_budget` (0.5)
   compile_full  (on request) compile with `compile_memory_budget: 1.0`: each compiled block saves what the
             partitioner likes (session 12-17's compile: 1.09-1.11 s/iteration on an H100, 14 of 28 blocks unchecked)
-  auto_math, compile_sdpa  (on request) auto with the temporal attention as "math", compile with it as SDPA:
-            stage 4 picks "math" exactly when compiling (`t2v.pipeline.ptq.distill_temporal_attention`), and so do
-            the other variants
+  auto_math, compile_sdpa, compile_packed  (on request) auto with the temporal attention as "math"; compile
+            with it as SDPA; compile with the valid text tokens packed instead of padded (it compiles again for
+            every new set of text lengths, so time it with --text_lengths fixed). Stage 4 compiles with padded text
+            and the "math" temporal attention (`t2v.pipeline.ptq.distill_settings`), and so do the other variants
   old       (on request) session 2's: fp32 teacher forward every iteration, every block checkpointed
   fused     (on request) all + `distill.fused_weights` (W_eff once per iteration)
 Under torchrun each rank runs `--rows_per_rank` rows (default: the config's batch over the ranks, so the global
@@ -62,10 +63,14 @@ VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, descripti
                 "auto + distill.compile (torch.compile per block), compile_memory_budget 0.5"),
     "compile_full": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 compile_memory_budget=1.0), "compile, compile_memory_budget 1.0 (before session 18)"),
-    "auto_math": (True, dict(fused_weights=False, checkpoint_blocks="auto", temporal_attention="math"),
+    "auto_math": (True, dict(fused_weights=False, checkpoint_blocks="auto", settings=dict(temporal_attention="math")),
                   "auto with the temporal attention as math (what compile trains with)"),
     "compile_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
-                                temporal_attention="sdpa"), "compile with the temporal attention as SDPA (session 18)"),
+                                settings=dict(temporal_attention="sdpa")),
+                     "compile with the temporal attention as SDPA (session 18)"),
+    "compile_packed": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
+                                  settings=dict(static_block_inputs=False)),
+                       "compile with packed text (before session 19: recompiles for new text lengths)"),
     "old": (False, dict(fused_weights=False, checkpoint_blocks="all"), "online fp32 teacher, all checkpointed"),
     "fused": (True, dict(fused_weights=True, checkpoint_blocks="all"), "all + W_eff once per iteration (fused)"),
 }
@@ -177,13 +182,18 @@ def flops_report(tflops_per_s: float = 600.0, iterations: int = 15_000) -> str:
 
 
 # ------------------------------------------------------------------------------ the timed runs
-def make_batches(batch_size: int, count: int, rank: int = 0) -> list[dict]:
-    """`count` calibration-shaped batches (x [B, 4, 16, 64, 64], timestep [B], y [B, 1, 120, 4096], mask [B, 120])."""
+def make_batches(batch_size: int, count: int, rank: int = 0, text_lengths: str = "varied") -> list[dict]:
+    """`count` calibration-shaped batches (x [B, 4, 16, 64, 64], timestep [B], y [B, 1, 120, 4096], mask [B, 120]).
+    text_lengths: "fixed" (40 valid tokens in every row, sessions 1-19) or "varied" (each row's count drawn from
+    10..60, as the prompts of a calibration set differ)."""
     batches = []
     for iteration in range(count):
         gen = torch.Generator(device="cuda").manual_seed(iteration + 7919 * rank)
-        mask = torch.zeros(batch_size, 120, dtype=torch.long, device="cuda")
-        mask[:, :40] = 1
+        if text_lengths == "fixed":
+            lengths = torch.full((batch_size, 1), 40, device="cuda")
+        else:
+            lengths = torch.randint(10, 61, (batch_size, 1), device="cuda", generator=gen)
+        mask = (torch.arange(120, device="cuda") < lengths).long()
         batches.append({
             "x": torch.randn(batch_size, 4, 16, 64, 64, device="cuda", generator=gen),
             "timestep": torch.randint(0, 1000, (batch_size,), device="cuda", generator=gen),
@@ -217,14 +227,14 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
     """warmup + timed iterations of `distill` -> median s/iter, peak GiB of the timed iterations, losses, plan."""
     from qdiff.api import quant_state
     from qdiff.distill.trainer import distill
-    from t2v.models.stdit import temporal_attention
-    from t2v.pipeline.ptq import distill_temporal_attention
+    from t2v.models.stdit import run_settings
+    from t2v.pipeline.ptq import distill_settings
 
     overrides = dict(overrides)
-    core = overrides.pop("temporal_attention", None)
+    settings = overrides.pop("settings", {})
     cfg = dataclasses.replace(qcfg.distill, enabled=True, iterations=len(batches), checkpoint_every=10**6,
                               grad_checkpointing=True, **overrides)
-    core = core or distill_temporal_attention(cfg)
+    settings = {**distill_settings(cfg), **settings}
     stamps = []
 
     def teacher_fn(batch):
@@ -239,7 +249,7 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
         if len(stamps) == warmup:
             torch.cuda.reset_peak_memory_stats()
 
-    with tempfile.TemporaryDirectory() as ckpt_dir, temporal_attention(model, core):
+    with tempfile.TemporaryDirectory() as ckpt_dir, run_settings(model, **settings):
         result = distill(model, teacher_fn, lambda i: batches[i], cfg, ckpt_dir, progress=False, log_fn=log_fn,
                          student_fn=lambda batch: forward(model, batch), log_every=1, checkpoint_modules=model.blocks)
     losses = [entry["loss"] for entry in result["history"]]
@@ -328,6 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant (>= 1)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--text_lengths", choices=("varied", "fixed"), default="varied",
+                   help="valid text tokens per row: drawn from 10..60 per row (varied) or 40 everywhere (fixed, "
+                        "the benches before session 19)")
     p.add_argument("--rows_per_rank", type=int, default=None,
                    help="calibration rows per rank and iteration (default: the config's batch / world size)")
     p.add_argument("--profile", default=None, metavar="VARIANT",
@@ -376,13 +389,14 @@ def main(argv=None) -> int:
     init_weight_quantizers(model)
     torch.cuda.synchronize()
     ptq_init_s = time.perf_counter() - t0
-    batches = make_batches(rows, args.warmup + args.iters, rank)
+    batches = make_batches(rows, args.warmup + args.iters, rank, args.text_lengths)
     teacher_s = add_targets(model, batches)
     groups = trainable_parameters(model)
     start_values = [p.detach().clone() for p in groups["tqe"] + groups["delta"]]
     results = {"quant_config": Path(args.quant_config).name, "batch_size": rows * world_size, "rows_per_rank": rows,
                "world_size": world_size, "shared_gpu": shared_gpu, "num_blocks": len(model.blocks),
-               "ptq_init_s": ptq_init_s, "teacher_s_per_batch": teacher_s, "variants": {}}
+               "ptq_init_s": ptq_init_s, "teacher_s_per_batch": teacher_s, "text_lengths": args.text_lengths,
+               "variants": {}}
     if rank == 0:
         print(f"PTQ init {ptq_init_s:.1f} s; fp32 teacher forward {teacher_s:.2f} s per batch of {rows}; "
               f"{world_size} rank(s) x {rows} rows", flush=True)
@@ -431,7 +445,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print_and_save(results, args.out)
         print(f"\n### Distillation, STDiT-XL/2 16x512x512, {results['quant_config']}, batch {results['batch_size']} "
-              f"({world_size} GPU(s) × {rows} rows) — {results['device']}, torch {results['torch']}, {results['date']}\n")
+              f"({world_size} GPU(s) × {rows} rows), {args.text_lengths} text lengths — {results['device']}, torch {results['torch']}, {results['date']}\n")
         print(markdown(results))
         if shared_gpu:
             print(f"\n(ranks shared {torch.cuda.device_count()} GPU(s) over gloo: a check of the DDP path, "

@@ -752,17 +752,29 @@ def set_temporal_attention(model: STDiT, core: str = "sdpa") -> STDiT:
 
 
 @contextlib.contextmanager
-def temporal_attention(model: STDiT, core: str):
-    """Within the context every block's temporal attention runs as ``core`` (`set_temporal_attention`); on exit each
-    block gets back the core it had (stage 4's compiled distillation trains with "math" this way:
-    `t2v.pipeline.ptq.distill_temporal_attention`). Yields the model."""
-    previous = [block.attn_temp.core for block in model.blocks]
-    set_temporal_attention(model, core)
+def run_settings(model: STDiT, *, temporal_attention: str | None = None, static_block_inputs: bool | None = None):
+    """Within the context the model runs with the given settings (None: leave that one as it is); on exit each goes
+    back to what it was, every block's temporal attention core included.
+
+    temporal_attention: every block's temporal attention core (`set_temporal_attention`).
+    static_block_inputs: the blocks take fixed-shape inputs (padded text [B, L, C] with a key mask) instead of the
+        packed valid tokens; the same function. Compiled blocks need it when the text lengths vary from batch to
+        batch: packed, every new set of lengths compiles again, and past torch's recompile limit (8 graphs) the
+        blocks silently run eagerly.
+    Stage 4's compiled distillation runs under both (`t2v.pipeline.ptq.distill_settings`). Yields the model.
+    """
+    cores = [block.attn_temp.core for block in model.blocks]
+    static = model.static_block_inputs
+    if temporal_attention is not None:
+        set_temporal_attention(model, temporal_attention)
+    if static_block_inputs is not None:
+        model.static_block_inputs = bool(static_block_inputs)
     try:
         yield model
     finally:
-        for block, old in zip(model.blocks, previous):
-            block.attn_temp.core = old
+        for block, core in zip(model.blocks, cores):
+            block.attn_temp.core = core
+        model.static_block_inputs = static
 
 
 CROSS_ATTENTION_CORES = ("sdpa", "math", "triton")  # MultiHeadCrossAttention.core

@@ -37,12 +37,15 @@ the config schema has no switch for it. With `distill.grad_checkpointing`, `dist
 the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) leaves as many unchecked
 as fit `distill.checkpoint_memory_fraction` (85%) of the GPU memory, from measured probe steps (all on CPU;
 `qdiff.distill.checkpointing`), "all", or a count (the reference: blocks 1–26).
-Which blocks are checkpointed does not change the result. With `distill.compile` the student's temporal attention
-trains as "math" (`distill_temporal_attention`: OpenSora's non-flash formula, two batched matmuls and a float32
+Which blocks are checkpointed does not change the result. With `distill.compile` the distillation runs under
+`distill_settings` (`t2v.models.stdit.run_settings`; the same function, other rounding): the blocks take the text
+padded to its full length with a key mask (`static_block_inputs`), so batches with new text lengths do not compile
+again (packed, they would, and past torch's recompile limit the blocks would silently run eagerly), and the
+student's temporal attention trains as "math" (OpenSora's non-flash formula, two batched matmuls and a float32
 softmax over the 16 frames, which inductor fuses with the layout work around it; W3A6 XL/2 on an H100: 0.974
-instead of 1.063 s per iteration, docs/benchmarks.md session 19); eager it stays SDPA (math: 2% slower there).
-Every other attention, the precomputed targets and the evaluations keep SDPA (an online teacher that is the
-student with quantization off runs "math" too). With `distill.fused_weights` (off by default:
+instead of 1.063 s per iteration, docs/benchmarks.md session 19; eager, math is 2% slower, so eager runs keep
+SDPA). Every other attention, the precomputed targets and the evaluations keep SDPA (an online teacher that is
+the student with quantization off runs under the same settings). With `distill.fused_weights` (off by default:
 slower on an H100) every layer's effective weight is formed once per iteration, outside the blocks
 (`qdiff.distill.weights`).
 
@@ -90,7 +93,7 @@ from qdiff.api import (
 from qdiff.config import QuantConfig
 from qdiff.distill.trainer import CHECKPOINT_NAME, distill
 from qdiff.io import atomic_path
-from t2v.models.stdit import temporal_attention
+from t2v.models.stdit import run_settings
 from t2v.pipeline.calib_data import CalibDataError, CalibDataset, fp_targets, model_fingerprint, subsample_steps
 
 log = logging.getLogger(__name__)
@@ -101,10 +104,10 @@ INFERENCE_CONFIG_NAME = "inference_config.py"
 HISTORY_NAME = "distill_history.json"
 
 
-def distill_temporal_attention(cfg) -> str:
-    """The temporal attention core the student trains with under the distillation config `cfg` (see above):
-    "math" when its blocks are compiled (`distill.compile`), else "sdpa"."""
-    return "math" if cfg.compile else "sdpa"
+def distill_settings(cfg) -> dict:
+    """`t2v.models.stdit.run_settings` keywords for distilling under the config `cfg` (see above): with
+    `distill.compile` fixed-shape block inputs and the "math" temporal attention, else the model's own."""
+    return dict(temporal_attention="math", static_block_inputs=True) if cfg.compile else {}
 
 
 class CalibrationMismatchError(ValueError):
@@ -253,7 +256,7 @@ def calibrate(
                 batch["target"] = targets[batch["index"]]
             return _to_device(batch, device)
 
-        with temporal_attention(model, distill_temporal_attention(cfg)):
+        with run_settings(model, **distill_settings(cfg)):
             result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch),
                              batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
                              log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,

@@ -7,7 +7,7 @@ inductor's code for the quantizer is checked in tests/qdiff/kernels/test_act_qua
 import pytest
 import torch
 
-from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks, temporal_attention
+from t2v.models.stdit import STDiT, _attention, _math_attention, compile_blocks, run_settings
 from t2v.pipeline.build import randomize_zero_init
 
 TINY = dict(input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
@@ -217,20 +217,51 @@ def test_math_attention_flag_is_a_view_of_core():
         attention(torch.randn(2, 4, 64))
 
 
-def test_temporal_attention_context_sets_and_restores_each_block():
+def test_run_settings_set_and_restore_each_block():
     model = tiny_model()
     model.blocks[1].attn_temp.core = "short_triton"
     x, t, y, mask = inputs()
     with torch.no_grad():
         before = model(x, t, y, mask=mask)
-        with temporal_attention(model, "math") as same:
-            assert same is model and [b.attn_temp.core for b in model.blocks] == ["math", "math"]
+        with run_settings(model, temporal_attention="math", static_block_inputs=True) as same:
+            assert same is model and model.static_block_inputs
+            assert [b.attn_temp.core for b in model.blocks] == ["math", "math"]
             assert all(b.attn.core == "sdpa" for b in model.blocks)  # spatial attention untouched
             torch.testing.assert_close(model(x, t, y, mask=mask), before, rtol=1e-5, atol=1e-5)
-    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]
-    with pytest.raises(RuntimeError, match="boom"), temporal_attention(model, "math"):
+        with run_settings(model):  # nothing given: nothing changes
+            assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]
+    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"] and not model.static_block_inputs
+    with pytest.raises(RuntimeError, match="boom"), run_settings(model, temporal_attention="math",
+                                                                 static_block_inputs=True):
         raise RuntimeError("boom")
-    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]  # restored on errors too
-    with pytest.raises(ValueError, match="temporal_attention"), temporal_attention(model, "flash"):
+    assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"] and not model.static_block_inputs
+    with pytest.raises(ValueError, match="temporal_attention"), run_settings(model, temporal_attention="flash"):
         pass
     assert [b.attn_temp.core for b in model.blocks] == ["sdpa", "short_triton"]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_compiled_training_with_new_text_lengths_compiles_once_only_with_static_inputs(static):
+    """Distillation batches bring new sets of text lengths: with fixed-shape block inputs one graph serves them all
+    (stage 4 sets them for `distill.compile`); packed, the blocks compile again (and past torch's recompile limit
+    would run eagerly)."""
+    import torch._dynamo
+
+    from qdiff.distill.checkpointing import compiled
+
+    model = tiny_model()
+    x, t, y, _ = inputs()
+    torch._dynamo.reset()
+    with run_settings(model, temporal_attention="math", static_block_inputs=static), \
+            compiled(model.blocks, backend="aot_eager"):
+        model(x, t, y, mask=torch.ones(2, 8, dtype=torch.long)).sum().backward()  # both graphs (block 0 has the table)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for lengths in ((1, 8), (3, 5), (7, 2)):
+                mask = (torch.arange(8) < torch.tensor(lengths)[:, None]).long()
+                if static:
+                    model(x, t, y, mask=mask).sum().backward()
+                else:
+                    with pytest.raises(Exception, match="[Rr]ecompil"):
+                        model(x, t, y, mask=mask).sum().backward()
+                    break
+    torch._dynamo.reset()

@@ -1,4 +1,5 @@
 """Stage 4 (t2v.pipeline.ptq) on the tiny preset: a small captured calibration set, a W4A6 Q-VDiT run."""
+import functools
 import json
 
 import pytest
@@ -179,28 +180,40 @@ def test_resume_after_kill_equals_uninterrupted(tiny, calib_dir, tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compiled_distillation_trains_math_temporal_attention(tiny, calib_dir, tmp_path, monkeypatch):
-    """Stage 4 picks the student's temporal attention by `distill.compile` ("math" compiled, else "sdpa"), sets it
-    on every block for the distillation only, and gives the model back with SDPA."""
+def test_compiled_distillation_runs_under_static_inputs_and_math_temporal_attention(tiny, calib_dir, tmp_path,
+                                                                                    monkeypatch):
+    """With `distill.compile`, stage 4 distils with fixed-shape block inputs and the "math" temporal attention, for
+    the distillation only; compiled once (aot_eager here), new text lengths in later batches do not recompile."""
+    import torch._dynamo
+
+    import qdiff.distill.trainer as trainer
     import t2v.pipeline.ptq as ptq
+    from qdiff.distill.checkpointing import compiled
 
     qconfig = w4a6("distill.iterations=2")
-    assert ptq.distill_temporal_attention(qconfig.distill) == "sdpa"
-    assert ptq.distill_temporal_attention(apply_overrides(qconfig, ["distill.compile=true"]).distill) == "math"
+    assert ptq.distill_settings(qconfig.distill) == {}
+    qconfig = apply_overrides(qconfig, ["distill.compile=true", "distill.iterations=6"])
+    assert ptq.distill_settings(qconfig.distill) == dict(temporal_attention="math", static_block_inputs=True)
 
     seen = []
     original = ptq.distill
 
     def recording(model, *args, **kwargs):
-        seen.append([(b.attn.core, b.attn_temp.core, b.cross_attn.core) for b in model.blocks])
-        return original(model, *args, **kwargs)
+        seen.append((model.static_block_inputs, [(b.attn.core, b.attn_temp.core) for b in model.blocks]))
+        # two graphs (block 0's input needs no gradient, the others' do), then no more whatever the text lengths
+        with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            return original(model, *args, **kwargs)
 
     monkeypatch.setattr(ptq, "distill", recording)
-    monkeypatch.setattr(ptq, "distill_temporal_attention", lambda cfg: "math")  # compile=true without compiling
+    monkeypatch.setattr(trainer, "compiled", functools.partial(compiled, backend="aot_eager"))
+    calib = open_calib_data(calib_dir, qconfig)
+    assert len({int(calib.get(torch.tensor([i]))["mask"].sum()) for i in range(len(calib))}) > 1  # lengths vary
+    torch._dynamo.reset()
     model = fp_model(tiny)
-    calibrate(model, qconfig, open_calib_data(calib_dir, qconfig), tmp_path, progress=False)
-    assert seen == [[("sdpa", "math", "sdpa")] * len(model.blocks)]
-    assert all(b.attn_temp.core == "sdpa" for b in model.blocks)
+    calibrate(model, qconfig, calib, tmp_path, progress=False)
+    torch._dynamo.reset()
+    assert seen == [(True, [("sdpa", "math")] * len(model.blocks))]
+    assert not model.static_block_inputs and all(b.attn_temp.core == "sdpa" for b in model.blocks)
 
 
 def test_smoothing_config_uses_fp_teacher_copy(tiny, calib_dir, tmp_path):
