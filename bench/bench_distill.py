@@ -9,12 +9,14 @@ model's own fp32 outputs with quantization off, so the losses of all variants ar
 Variants (each: warm-up iterations, then the median of timed iterations; every variant starts from the same
 TQE/Δ values; one variant failing, e.g. out of memory or a compile error, is reported in its row and the others
 still run):
-  all       stage 4's defaults (precomputed FP targets, W_eff per layer call) with every block checkpointed:
-            what `checkpoint_blocks: auto` chose before issue 4's fix (2.01 s/iteration on an H100, session 3)
-  auto      stage 4's defaults: `checkpoint_blocks: auto` with the fixed probe (as many blocks unchecked as fit
-            `checkpoint_memory_fraction` = 85% of the GPU; the chosen count and the per-block cost are reported)
-  compile   auto + `distill.compile: true` (torch.compile(dynamic=False) of every block; compile time is in the
-            warm-up, and in the probe), with the default `compile_memory_budget` (0.5)
+  all       eager (`distill.compile: false`), precomputed FP targets, W_eff per layer call, every block
+            checkpointed: what `checkpoint_blocks: auto` chose before issue 4's fix (2.01 s/iteration, session 3)
+  auto      eager, `checkpoint_blocks: auto` with the fixed probe (as many blocks unchecked as fit
+            `checkpoint_memory_fraction` = 85% of the GPU; the chosen count and the per-block cost are reported):
+            stage 4's defaults before session 19
+  compile   auto + compiled blocks (torch.compile(dynamic=False) of every block; compile time is in the warm-up,
+            and in the probe), with the default `compile_memory_budget` (0.5): stage 4's defaults on CUDA since
+            session 19 (`distill.compile: auto` compiles runs of 1,000 iterations or more)
   compile_full  (on request) compile with `compile_memory_budget: 1.0`: each compiled block saves what the
             partitioner likes (session 12-17's compile: 1.09-1.11 s/iteration on an H100, 14 of 28 blocks unchecked)
   auto_math, compile_sdpa, compile_packed  (on request) auto with the temporal attention as "math"; compile
@@ -56,14 +58,16 @@ sys.path.insert(0, str(REPO))
 from bench.common import build_model, environment, print_and_save  # noqa: E402
 
 VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, description)
-    "all": (True, dict(fused_weights=False, checkpoint_blocks="all"),
+    "all": (True, dict(fused_weights=False, checkpoint_blocks="all", compile=False),
             "stage-4 defaults, every block checkpointed (auto before the fix)"),
-    "auto": (True, dict(fused_weights=False, checkpoint_blocks="auto"), "stage-4 defaults: checkpoint_blocks auto"),
+    "auto": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=False),
+             "checkpoint_blocks auto, eager (stage 4 before session 19)"),
     "compile": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True),
-                "auto + distill.compile (torch.compile per block), compile_memory_budget 0.5"),
+                "stage-4 defaults on CUDA: auto + compiled blocks, compile_memory_budget 0.5"),
     "compile_full": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 compile_memory_budget=1.0), "compile, compile_memory_budget 1.0 (before session 18)"),
-    "auto_math": (True, dict(fused_weights=False, checkpoint_blocks="auto", settings=dict(temporal_attention="math")),
+    "auto_math": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=False,
+                             settings=dict(temporal_attention="math")),
                   "auto with the temporal attention as math (what compile trains with)"),
     "compile_sdpa": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                 settings=dict(temporal_attention="sdpa")),
@@ -71,8 +75,10 @@ VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, descripti
     "compile_packed": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True,
                                   settings=dict(static_block_inputs=False)),
                        "compile with packed text (before session 19: recompiles for new text lengths)"),
-    "old": (False, dict(fused_weights=False, checkpoint_blocks="all"), "online fp32 teacher, all checkpointed"),
-    "fused": (True, dict(fused_weights=True, checkpoint_blocks="all"), "all + W_eff once per iteration (fused)"),
+    "old": (False, dict(fused_weights=False, checkpoint_blocks="all", compile=False),
+            "online fp32 teacher, all checkpointed"),
+    "fused": (True, dict(fused_weights=True, checkpoint_blocks="all", compile=False),
+              "all + W_eff once per iteration (fused)"),
 }
 DEFAULT_VARIANTS = "all,auto,compile"
 PLANS = {"W3A6 15k": "w3a6_qvdit.yaml", "W4A8 10k": "w4a8_qvdit.yaml", "W4A6 10k": "w4a6_qvdit.yaml"}
@@ -234,7 +240,7 @@ def time_variant(model, qcfg, batches: list[dict], warmup: int, precomputed: boo
     settings = overrides.pop("settings", {})
     cfg = dataclasses.replace(qcfg.distill, enabled=True, iterations=len(batches), checkpoint_every=10**6,
                               grad_checkpointing=True, **overrides)
-    settings = {**distill_settings(cfg), **settings}
+    settings = {**distill_settings(cfg, "cuda"), **settings}
     stamps = []
 
     def teacher_fn(batch):

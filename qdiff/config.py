@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 import yaml
 
 from qdiff.mixed_precision.plan import FP_BITS, BitPlan, is_fp, load_bit_plan, load_fp_layers
@@ -99,6 +100,12 @@ def _fraction(key: str, value: Any) -> float:
     if number > 1:
         raise ConfigError(f"{key}: expected a fraction in (0, 1], got {value!r}")
     return number
+
+
+def _boolean_or_auto(key: str, value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: expected true, false or auto, got {value!r}")
 
 
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
@@ -188,7 +195,7 @@ class DistillConfig:
     fused_weights: bool = False  # W_eff once per iteration, fused forward + STE backward (slower on an H100)
     checkpoint_blocks: int | str = "auto"  # blocks recomputed in backward: "auto" (fit memory), "all" or a count
     checkpoint_memory_fraction: float = 0.85  # "auto": share of the GPU memory available to the run a step may peak at
-    compile: bool = False  # torch.compile(dynamic=False) each checkpointable block for the run
+    compile: bool | str = "auto"  # torch.compile(dynamic=False) each checkpointable block ("auto": `compiles`)
     compile_memory_budget: float = 0.5  # with compile: the share of a block's activations its compiled graph saves
     keep_best: bool = True  # keep the PTQ initialisation when distillation ends worse on the eval rows
 
@@ -211,13 +218,24 @@ class DistillConfig:
             "fused_weights": _boolean,
             "checkpoint_blocks": _count_or("auto", "all"),
             "checkpoint_memory_fraction": _fraction,
-            "compile": _boolean,
+            "compile": _boolean_or_auto,
             "compile_memory_budget": _fraction,
             "keep_best": _boolean,
         })
 
+    def compiles(self, device: torch.device | str) -> bool:
+        """Whether a run on `device` compiles its blocks: `compile` when it is true or false; "auto" (the default):
+        on CUDA for runs of at least `AUTO_COMPILE_ITERATIONS` (1,000) iterations, where the minute or two of
+        compiling pays back (STDiT-XL/2 W3A6 on an H100: 0.99 instead of 1.62 s per iteration); never on CPU."""
+        if self.compile != "auto":
+            return bool(self.compile)
+        return torch.device(device).type == "cuda" and self.iterations >= AUTO_COMPILE_ITERATIONS
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+AUTO_COMPILE_ITERATIONS = 1000  # distill.compile "auto": the shortest run that compiles
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,7 +78,8 @@ TRAINING_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 
 @contextmanager
-def compiled(modules: Sequence[nn.Module], memory_budget: float | None = None, **compile_kwargs):
+def compiled(modules: Sequence[nn.Module], memory_budget: float | None = None, fallback: bool = False,
+             **compile_kwargs):
     """For the duration, each of `modules` runs `torch.compile(module.forward, dynamic=False, **compile_kwargs)`.
 
     With the inductor backend (the default) the compile also gets `TRAINING_INDUCTOR_OPTIONS` (mix-order
@@ -93,15 +94,21 @@ def compiled(modules: Sequence[nn.Module], memory_budget: float | None = None, *
     FLOP estimate: normalisations, modulation, activations before any matmul). An unchecked block then holds less,
     so `checkpoint_blocks: auto` leaves more blocks unchecked. The graph is fixed at its first call, so the budget
     in force then is the one it keeps.
+
+    fallback: a graph that fails to compile runs eagerly instead, with torch's warning
+    (`torch._dynamo.config.suppress_errors` for the duration); False raises the compile error.
     """
+    import torch._dynamo
+
     modules = list(modules)
     budget = nullcontext() if memory_budget is None else _activation_memory_budget(memory_budget)
+    errors = torch._dynamo.config.patch(suppress_errors=True) if fallback else nullcontext()
     compile_kwargs = training_compile_kwargs(**compile_kwargs)
     previous = [vars(module).get("forward") for module in modules]
     for module in modules:
         module.forward = torch.compile(module.forward, **compile_kwargs)
     try:
-        with budget:
+        with budget, errors:
             yield
     finally:
         for module, before in zip(modules, previous):

@@ -26,7 +26,9 @@ Speed (issue 4):
   no optimizer step): the peak with every block checkpointed, the memory one unchecked block keeps
   after the forward, and a check of the chosen count; any out-of-memory probe means all checkpointed;
   on CPU all; see `qdiff.distill.checkpointing`). Which blocks are recomputed changes nothing else.
-- `cfg.compile`: each of `checkpoint_modules` runs `torch.compile(forward, dynamic=False)` for the run
+- `cfg.compile` (`cfg.compiles(device)`: "auto", the default, compiles on CUDA for runs of 1,000 iterations or
+  more, falling back to eager for any graph that fails to compile): each of `checkpoint_modules` runs
+  `torch.compile(forward, dynamic=False)` for the run
   (inside the checkpoint wrapper, so the recompute is compiled too), with inductor's mix-order reduction
   off (it broke the shape of STDiT-XL/2's `mlp.fc1.lora_a_out` gradient; `qdiff.distill.checkpointing`).
   The first iteration (or the "auto" probe) pays the compilation; a block that graph-breaks still computes
@@ -199,8 +201,13 @@ def distill(
 
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress or rank != 0, desc="distill")
     modules = list(checkpoint_modules)
-    compiling = (compiled(modules, memory_budget=cfg.compile_memory_budget) if cfg.compile and modules
-                 else nullcontext())
+    compiling = nullcontext()
+    if modules and cfg.compiles(device):
+        # "auto" falls back to eager wherever a graph fails to compile; an explicit `compile: true` raises
+        compiling = compiled(modules, memory_budget=cfg.compile_memory_budget, fallback=cfg.compile == "auto")
+        if rank == 0:
+            log.info("distill.compile %s: compiling %d blocks (the first iteration pays for it)", cfg.compile,
+                     len(modules))
     with _frozen_except(student, trainable), quant_state(student, weight=True, act=cfg.quantize_activations), \
             compiling:
         plan = _checkpoint_plan(cfg, modules, device, lambda after: forward_backward(batches(start), after),

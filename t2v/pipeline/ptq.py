@@ -37,7 +37,8 @@ the config schema has no switch for it. With `distill.grad_checkpointing`, `dist
 the 28 blocks are recomputed in the backward pass (the first ones): "auto" (default) leaves as many unchecked
 as fit `distill.checkpoint_memory_fraction` (85%) of the GPU memory, from measured probe steps (all on CPU;
 `qdiff.distill.checkpointing`), "all", or a count (the reference: blocks 1–26).
-Which blocks are checkpointed does not change the result. With `distill.compile` the distillation runs under
+Which blocks are checkpointed does not change the result. When the blocks compile (`distill.compile`: "auto", the
+default, compiles on CUDA for runs of 1,000 iterations or more) the distillation runs under
 `distill_settings` (`t2v.models.stdit.run_settings`; the same function, other rounding): the blocks take the text
 padded to its full length with a key mask (`static_block_inputs`), so batches with new text lengths do not compile
 again (packed, they would, and past torch's recompile limit the blocks would silently run eagerly), and the
@@ -104,10 +105,11 @@ INFERENCE_CONFIG_NAME = "inference_config.py"
 HISTORY_NAME = "distill_history.json"
 
 
-def distill_settings(cfg) -> dict:
-    """`t2v.models.stdit.run_settings` keywords for distilling under the config `cfg` (see above): with
-    `distill.compile` fixed-shape block inputs and the "math" temporal attention, else the model's own."""
-    return dict(temporal_attention="math", static_block_inputs=True) if cfg.compile else {}
+def distill_settings(cfg, device: torch.device | str) -> dict:
+    """`t2v.models.stdit.run_settings` keywords for distilling under the config `cfg` on `device` (see above): when
+    the blocks compile (`cfg.compiles(device)`) fixed-shape block inputs and the "math" temporal attention, else
+    the model's own."""
+    return dict(temporal_attention="math", static_block_inputs=True) if cfg.compiles(device) else {}
 
 
 class CalibrationMismatchError(ValueError):
@@ -256,7 +258,7 @@ def calibrate(
                 batch["target"] = targets[batch["index"]]
             return _to_device(batch, device)
 
-        with run_settings(model, **distill_settings(cfg)):
+        with run_settings(model, **distill_settings(cfg, device)):
             result = distill(model, lambda batch: batch["target"] if targets is not None else teacher_fn(batch),
                              batches, cfg, outdir, resume=resume, progress=progress and rank == 0,
                              log_fn=lambda entry: log.info("distill %s", entry) if rank == 0 else None,

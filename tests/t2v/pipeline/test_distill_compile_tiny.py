@@ -76,5 +76,13 @@ def test_compiled_blocks_train_like_eager(tmp_path, monkeypatch, backend):
 
 def test_compile_config_key():
     qcfg = QuantConfig.from_yaml("configs/quant/w4a6_qvdit.yaml")
-    assert qcfg.distill.compile is False
-    assert apply_overrides(qcfg, ["distill.compile=true"]).distill.compile is True
+    cfg = qcfg.distill
+    assert cfg.compile == "auto" and cfg.iterations == 10_000  # auto: compile long runs on CUDA, never on a CPU
+    assert cfg.compiles("cuda") and cfg.compiles(torch.device("cuda", 1)) and not cfg.compiles("cpu")
+    assert not apply_overrides(qcfg, ["distill.iterations=999"]).distill.compiles("cuda")
+    assert apply_overrides(qcfg, ["distill.iterations=1000"]).distill.compiles("cuda")
+    forced = apply_overrides(qcfg, ["distill.compile=true", "distill.iterations=5"]).distill
+    assert forced.compile is True and forced.compiles("cpu") and forced.compiles("cuda")
+    off = apply_overrides(qcfg, ["distill.compile=false"]).distill
+    assert off.compile is False and not off.compiles("cuda")
+    assert apply_overrides(qcfg, ["distill.compile=auto"]).distill.compile == "auto"

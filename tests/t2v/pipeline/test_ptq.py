@@ -190,10 +190,13 @@ def test_compiled_distillation_runs_under_static_inputs_and_math_temporal_attent
     import t2v.pipeline.ptq as ptq
     from qdiff.distill.checkpointing import compiled
 
+    compiled_settings = dict(temporal_attention="math", static_block_inputs=True)
     qconfig = w4a6("distill.iterations=2")
-    assert ptq.distill_settings(qconfig.distill) == {}
+    assert ptq.distill_settings(qconfig.distill, "cpu") == {}
+    assert ptq.distill_settings(qconfig.distill, "cuda") == {}  # "auto": too short a run to compile
+    assert ptq.distill_settings(w4a6("distill.iterations=1000").distill, "cuda") == compiled_settings
     qconfig = apply_overrides(qconfig, ["distill.compile=true", "distill.iterations=6"])
-    assert ptq.distill_settings(qconfig.distill) == dict(temporal_attention="math", static_block_inputs=True)
+    assert ptq.distill_settings(qconfig.distill, "cpu") == compiled_settings
 
     seen = []
     original = ptq.distill
