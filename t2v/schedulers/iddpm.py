@@ -325,7 +325,9 @@ class IDDPM:
             if self.sampler == "ddim":
                 x = self.ddim_step(combined, x, index)
             else:
-                noise = torch.randn(x_in.shape, generator=generator, device=z.device, dtype=x_in.dtype)
+                # drawn where the generator lives (the pipeline's CPU generator: the same noise on any device)
+                noise_device = z.device if generator is None else generator.device
+                noise = torch.randn(x_in.shape, generator=generator, device=noise_device, dtype=x_in.dtype).to(z.device)
                 x = self.p_sample_step(combined, x, index, noise[:batch])
         return x
 

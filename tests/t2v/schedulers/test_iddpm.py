@@ -190,6 +190,22 @@ def test_iddpm_sampling_matches_reference_loop():
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_iddpm_sampling_on_cuda_with_the_pipelines_cpu_generator():
+    """The pipeline seeds a CPU generator; on CUDA the noise is drawn on the CPU and moved, so the GPU run follows
+    the CPU run (stage 2 / calibration capture on a GPU raised "Expected a 'cuda' device type" before)."""
+    model = ToyDenoiser()
+    cpu = _run(IDDPM(num_sampling_steps=6, cfg_scale=4.0), model)
+    model.cuda()
+    z, y, y_null, mask = (t.cuda() for t in _inputs())
+    sampler = IDDPM(num_sampling_steps=6, cfg_scale=4.0)  # schedule left on the CPU, as the pipeline builds it
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the toy's Conv3d in full float32
+        out = sampler.sample(model, z, y, mask, y_null=y_null, generator=torch.Generator().manual_seed(0),
+                             progress=False)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
 def _gaussian_kl(mean_p, var_p, mean_q, var_q):
     p = torch.distributions.Normal(mean_p, var_p.sqrt())
     q = torch.distributions.Normal(mean_q, var_q.sqrt())
