@@ -59,7 +59,7 @@ from bench.common import build_model, environment, print_and_save  # noqa: E402
 
 VARIANTS = {  # name -> (precomputed targets, DistillConfig overrides, description)
     "all": (True, dict(fused_weights=False, checkpoint_blocks="all", compile=False),
-            "stage-4 defaults, every block checkpointed (auto before the fix)"),
+            "eager, every block checkpointed (auto before the fix)"),
     "auto": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=False),
              "checkpoint_blocks auto, eager (stage 4 before session 19)"),
     "compile": (True, dict(fused_weights=False, checkpoint_blocks="auto", compile=True),
@@ -451,7 +451,8 @@ def main(argv=None) -> int:
     if rank == 0:
         print_and_save(results, args.out)
         print(f"\n### Distillation, STDiT-XL/2 16x512x512, {results['quant_config']}, batch {results['batch_size']} "
-              f"({world_size} GPU(s) × {rows} rows), {args.text_lengths} text lengths — {results['device']}, torch {results['torch']}, {results['date']}\n")
+              f"({world_size} GPU(s) × {rows} rows), {args.text_lengths} text lengths — {results['device']}, "
+              f"torch {results['torch']}, {results['date']}\n")
         print(markdown(results))
         if shared_gpu:
             print(f"\n(ranks shared {torch.cuda.device_count()} GPU(s) over gloo: a check of the DDP path, "
